@@ -1,0 +1,136 @@
+"""Server-side update rules, applied in place to flat numpy buffers.
+
+Each optimizer is a small frozen dataclass (picklable, so it travels to the
+shard actors and into checkpoint manifests) with two methods:
+
+- ``slots()``: names of the per-element state arrays it keeps (zero-initialised);
+- ``apply(param, grad, state, step)``: update ``param`` in place from ``grad``;
+  ``state`` maps slot name -> array of ``param``'s shape; ``step`` is how many
+  updates these elements received before this one (Adam's bias correction).
+
+All arrays are 1-D slices of a shard's buffer, so one call updates every key
+on the shard in a single vectorised expression. The update a client sends is a
+*gradient*: ``SGD(lr)`` does ``param -= lr * grad``. The original Ray example's
+"push adds the value" server is ``SGD(lr=-1.0)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"Argument `{name}` must be a positive finite number. Received: {value!r}")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise ValueError(f"Argument `{name}` must be in [0, 1). Received: {value!r}")
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Plain SGD: ``p -= lr * g``. A negative ``lr`` is allowed (``-1`` adds the push)."""
+
+    lr: float = 0.01
+
+    def __post_init__(self):
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr != 0):
+            raise ValueError(f"Argument `lr` must be a finite non-zero number. Received: {self.lr!r}")
+
+    def slots(self) -> tuple[str, ...]:
+        return ()
+
+    def apply(self, param, grad, state, step) -> None:
+        param -= self.lr * grad
+
+
+@dataclass(frozen=True)
+class Momentum:
+    """Heavy-ball momentum (TF convention): ``v = mu * v + g; p -= lr * v``."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+
+    def __post_init__(self):
+        _check_positive("lr", self.lr)
+        _check_fraction("momentum", self.momentum)
+
+    def slots(self) -> tuple[str, ...]:
+        return ("velocity",)
+
+    def apply(self, param, grad, state, step) -> None:
+        v = state["velocity"]
+        v *= self.momentum
+        v += grad
+        param -= self.lr * v
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam (Kingma & Ba) with bias correction; the step counts per key."""
+
+    lr: float = 0.001
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-7  # Keras' default
+
+    def __post_init__(self):
+        _check_positive("lr", self.lr)
+        _check_fraction("beta1", self.beta1)
+        _check_fraction("beta2", self.beta2)
+        _check_positive("eps", self.eps)
+
+    def slots(self) -> tuple[str, ...]:
+        return ("m", "v")
+
+    def apply(self, param, grad, state, step) -> None:
+        m, v = state["m"], state["v"]
+        m *= self.beta1
+        m += (1 - self.beta1) * grad
+        v *= self.beta2
+        v += (1 - self.beta2) * np.square(grad)
+        t = step + 1
+        lr_t = self.lr * math.sqrt(1 - self.beta2**t) / (1 - self.beta1**t)
+        param -= lr_t * m / (np.sqrt(v) + self.eps)
+
+
+@dataclass(frozen=True)
+class Adagrad:
+    """Adagrad: ``acc += g**2; p -= lr * g / (sqrt(acc) + eps)``."""
+
+    lr: float = 0.01
+    eps: float = 1e-7
+
+    def __post_init__(self):
+        _check_positive("lr", self.lr)
+        _check_positive("eps", self.eps)
+
+    def slots(self) -> tuple[str, ...]:
+        return ("accumulator",)
+
+    def apply(self, param, grad, state, step) -> None:
+        acc = state["accumulator"]
+        acc += np.square(grad)
+        param -= self.lr * grad / (np.sqrt(acc) + self.eps)
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adagrad": Adagrad}
+
+
+def optimizer_config(opt) -> dict:
+    """A JSON-safe description of an optimizer: ``{"name": ..., **hyperparameters}``."""
+    name = next(n for n, cls in OPTIMIZERS.items() if type(opt) is cls)
+    return {"name": name, **asdict(opt)}
+
+
+def optimizer_from_config(config: dict):
+    """Inverse of :func:`optimizer_config`. Raises ``ValueError`` for an unknown name."""
+    config = dict(config)
+    name = config.pop("name", None)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[name](**config)

@@ -1,0 +1,306 @@
+"""The Router: the client side of the parameter server.
+
+It knows the layout (which shard holds which range of every key), checks
+every request before anything is sent, packs everything bound for one shard
+into one message, sends to all involved shards at once and gathers.
+
+Cost of one operation on a tensor split over S shards:
+- push: one validation pass (cast + finiteness), one packing copy per shard
+  (none when the shard's part is one slice), one copy into Ray's object store
+  per message; S remote calls in flight together; the shard reads the message
+  zero-copy and updates its buffer in place.
+- pull: S remote calls in flight together; the shard answers with its buffer
+  (one copy into the object store, plus a gather copy when only some keys are
+  asked for); the client reads the answers zero-copy and makes one copy into
+  fresh, writable arrays of the registered shape.
+
+A Router is picklable: a copy sent to a Ray task or actor talks to the same
+shards, with its own client id for exactly-once pushes. Only the Router that
+``launch()`` returned owns the shards; ``shutdown()`` on a copy does nothing.
+"""
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from shardps.errors import ShardUnavailableError
+from shardps.partition import KeySpec, Layout
+
+_NUMERIC_KINDS = "biuf"
+
+
+class Handle:
+    """A push or pull in flight. ``wait()`` is the one way to finish it."""
+
+    def __init__(self, refs: list, finish: Callable[[list], Any]):
+        self._refs = refs
+        self._finish = finish
+        self._result = None
+        self._done = False
+
+    def wait(self, timeout: float | None = None):
+        """Block until every shard answered; return the operation's result.
+
+        Raises:
+            TimeoutError: not all shards answered within ``timeout`` seconds
+                (``None`` waits forever); the operation may still complete.
+            ShardUnavailableError: a shard died.
+        """
+        if not self._done:
+            self._result = self._finish(_get(self._refs, timeout))
+            self._done = True
+        return self._result
+
+    def done(self) -> bool:
+        """True when every shard has answered (``wait()`` will not block)."""
+        ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0)
+        return len(ready) == len(self._refs)
+
+
+def _get(refs: list, timeout: float | None) -> list:
+    try:
+        return ray.get(refs, timeout=timeout)
+    except GetTimeoutError as exc:
+        raise TimeoutError(f"shards did not answer within {timeout} s") from exc
+    except RayActorError as exc:
+        raise ShardUnavailableError(f"a parameter shard is unavailable: {exc}") from exc
+
+
+class Router:
+    """Push and pull named numpy arrays to and from sharded parameter actors.
+
+    Made by :func:`shardps.launch`; use it as a context manager so the shards
+    are removed at the end.
+    """
+
+    def __init__(self, shards: list, layout: Layout, *, allow_nonfinite: bool = False,
+                 on_shutdown: Callable[[], None] | None = None):
+        self._shards = list(shards)
+        self._layout = layout
+        self._allow_nonfinite = allow_nonfinite
+        self._on_shutdown = on_shutdown
+        self._new_client()
+
+    def _new_client(self) -> None:
+        self._client = uuid.uuid4().hex
+        self._seq = itertools.count()
+        self._versions: list[int | None] = [None] * len(self._shards)  # last pulled, per shard
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for private in ("_on_shutdown", "_client", "_seq", "_versions"):
+            state.pop(private)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._on_shutdown = None  # copies never own the shards
+        self._new_client()
+
+    # ---- introspection -------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        """Number of shards."""
+        return len(self._shards)
+
+    @property
+    def shards(self) -> list:
+        """The shard actor handles, in shard order."""
+        return list(self._shards)
+
+    @property
+    def layout(self) -> Layout:
+        """The placement of every registered key."""
+        return self._layout
+
+    def keys(self) -> list[str]:
+        """Registered keys, in registration order."""
+        return list(self._layout.keys)
+
+    def spec(self, key: str) -> KeySpec:
+        """Shape, dtype and placement of one key. Raises ``KeyError``."""
+        try:
+            return self._layout.keys[key]
+        except (KeyError, TypeError):
+            raise KeyError(f"unknown key {key!r}; registered keys: {sorted(self._layout.keys)[:20]}") from None
+
+    def placement(self, key: str) -> list[tuple[int, int, int]]:
+        """``(shard, start, stop)`` ranges of the flattened ``key``. Raises ``KeyError``."""
+        return [(seg.shard, seg.start, seg.stop) for seg in self.spec(key).segments]
+
+    def stats(self) -> list[dict]:
+        """Per shard: keys, blocks, bytes, pushes, pulls, version, staleness. Blocks."""
+        block = self._layout.partitioner.block_bytes
+        stats = _get([shard.stats.remote() for shard in self._shards], None)
+        for shard_stats, groups in zip(stats, self._layout.shard_segments):
+            shard_stats["blocks"] = sum(
+                -(-seg.size * np.dtype(dt).itemsize // block) for dt, segs in groups.items() for seg in segs
+            )
+        return stats
+
+    # ---- register ------------------------------------------------------
+    def register(self, values: Mapping[str, np.ndarray]) -> None:
+        """Add new keys with their initial values. Blocks until every shard has them.
+
+        Raises:
+            TypeError: ``values`` is not a mapping of str to arrays.
+            ValueError: empty mapping, key already registered, empty or
+                non-floating array, or NaN/Inf (unless ``allow_nonfinite``).
+        """
+        if not isinstance(values, Mapping) or not values:
+            raise ValueError(f"register needs a non-empty dict of name -> array. Received: {values!r:.80}")
+        arrays, shapes = {}, {}
+        for key, value in values.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"keys must be non-empty strings. Received: {key!r}")
+            if key in self._layout.keys:
+                raise ValueError(f"key {key!r} is already registered")
+            arr = np.asarray(value)
+            if arr.dtype.kind != "f":
+                raise ValueError(f"key {key!r}: parameters must be a floating-point array. Received dtype {arr.dtype}")
+            if arr.size == 0:
+                raise ValueError(f"key {key!r}: array has no elements (shape {arr.shape})")
+            self._check_finite(key, arr)
+            arrays[key], shapes[key] = np.ascontiguousarray(arr).reshape(-1), arr.shape
+        specs = [self._layout.add(key, shapes[key], arrays[key].dtype) for key in sorted(arrays)]
+        messages: list[dict] = [defaultdict(lambda: ([], [], [])) for _ in self._shards]
+        for spec in specs:
+            for seg in spec.segments:
+                keys, sizes, parts = messages[seg.shard][spec.dtype.str]
+                keys.append(spec.name)
+                sizes.append(seg.size)
+                parts.append(arrays[spec.name][seg.start:seg.stop])
+        refs = [
+            shard.register.remote({dt: (k, s, np.concatenate(p)) for dt, (k, s, p) in msg.items()})
+            for shard, msg in zip(self._shards, messages) if msg
+        ]
+        _get(refs, None)
+
+    # ---- push ----------------------------------------------------------
+    def push(self, values: Mapping[str, Any], *, wait: bool = True, timeout: float | None = None):
+        """Send updates (gradients) for some keys; each shard applies its part once.
+
+        With ``wait=True`` blocks until every involved shard applied its part
+        and returns None; with ``wait=False`` returns a :class:`Handle`.
+        Nothing is sent unless every key, shape, dtype and value is valid.
+
+        Raises:
+            KeyError: an unregistered key.
+            ValueError: wrong shape, a dtype that cannot be cast to the
+                registered one (``same_kind`` casting), or NaN/Inf.
+            TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
+        """
+        messages = self.pack(values)
+        seq = next(self._seq)
+        refs = [
+            self._shards[s].push.remote(msg, client=self._client, seq=seq, base_version=self._versions[s])
+            for s, msg in enumerate(messages) if msg is not None
+        ]
+        handle = Handle(refs, lambda results: None)
+        return handle.wait(timeout) if wait else handle
+
+    def pack(self, values: Mapping[str, Any]) -> list[dict | None]:
+        """Validate ``values`` and build one push message per shard (``None``: not involved)."""
+        flats = self._validated(values)
+        parts = [defaultdict(list) for _ in self._shards]
+        for key, flat in flats.items():
+            spec = self._layout.keys[key]
+            for seg in spec.segments:
+                parts[seg.shard][spec.dtype.str].append((seg.index, flat[seg.start:seg.stop]))
+        messages: list[dict | None] = []
+        for shard, groups in enumerate(parts):
+            msg = {}
+            for dt, indexed in groups.items():
+                indexed.sort(key=lambda item: item[0])
+                everything = len(indexed) == len(self._layout.shard_segments[shard][dt])
+                ids = None if everything else np.array([i for i, _ in indexed], np.int64)
+                data = indexed[0][1] if len(indexed) == 1 else np.concatenate([p for _, p in indexed])
+                msg[dt] = (ids, data)
+            messages.append(msg or None)
+        return messages
+
+    def _validated(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if not isinstance(values, Mapping):
+            raise TypeError(f"push needs a dict of name -> array. Received: {type(values).__name__}")
+        flats = {}
+        for key, value in values.items():
+            spec = self.spec(key)
+            arr = np.asarray(value)
+            if arr.shape != spec.shape:
+                raise ValueError(f"key {key!r}: expected shape {spec.shape}, received {arr.shape}")
+            if arr.dtype.kind not in _NUMERIC_KINDS or not np.can_cast(arr.dtype, spec.dtype, "same_kind"):
+                raise ValueError(f"key {key!r}: expected dtype {spec.dtype} (or one that casts to it), "
+                                 f"received {arr.dtype}")
+            with np.errstate(over="ignore"):  # overflow becomes Inf, rejected just below
+                flat = np.ascontiguousarray(arr, dtype=spec.dtype).reshape(-1)
+            self._check_finite(key, flat)
+            flats[key] = flat
+        return flats
+
+    def _check_finite(self, key: str, arr: np.ndarray) -> None:
+        if not self._allow_nonfinite and not np.isfinite(arr).all():
+            raise ValueError(f"key {key!r}: contains NaN or Inf (launch with allow_nonfinite=True to accept)")
+
+    # ---- pull ----------------------------------------------------------
+    def pull(self, keys: Iterable[str] | str | None = None, *, wait: bool = True, timeout: float | None = None):
+        """Current values of ``keys`` (all when None) as ``{name: ndarray}``.
+
+        Arrays are fresh, writable and have the registered shape and dtype.
+        With ``wait=False`` returns a :class:`Handle` whose ``wait()`` gives
+        the dict. A shard's part reflects every push it acknowledged before
+        the pull reached it.
+
+        Raises:
+            KeyError: an unregistered key.
+            TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
+        """
+        names = self.keys() if keys is None else [keys] if isinstance(keys, str) else list(keys)
+        specs = [self.spec(name) for name in names]
+        wanted = [defaultdict(list) for _ in self._shards]
+        for spec in specs:
+            for seg in spec.segments:
+                wanted[seg.shard][spec.dtype.str].append(seg)
+        asked = []
+        for shard, groups in enumerate(wanted):
+            if not groups:
+                continue
+            request = {}
+            for dt, segs in groups.items():
+                segs.sort(key=lambda seg: seg.index)
+                everything = len(segs) == len(self._layout.shard_segments[shard][dt])
+                request[dt] = None if everything else np.array([seg.index for seg in segs], np.int64)
+            asked.append((shard, groups, self._shards[shard].pull.remote(request)))
+        out = {spec.name: np.empty(spec.shape, spec.dtype) for spec in specs}
+
+        def finish(replies: list) -> dict[str, np.ndarray]:
+            for (shard, groups, _), (version, data) in zip(asked, replies):
+                self._versions[shard] = version
+                for dt, segs in groups.items():
+                    at = 0
+                    for seg in segs:
+                        out[seg.key].reshape(-1)[seg.start:seg.stop] = data[dt][at:at + seg.size]
+                        at += seg.size
+            return out
+
+        handle = Handle([ref for _, _, ref in asked], finish)
+        return handle.wait(timeout) if wait else handle
+
+    # ---- lifetime ------------------------------------------------------
+    def shutdown(self) -> None:
+        """Remove the shards and everything ``launch()`` started. Idempotent; no-op on copies."""
+        on_shutdown, self._on_shutdown = self._on_shutdown, None
+        if on_shutdown is not None:
+            on_shutdown()
+
+    def __enter__(self) -> "Router":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

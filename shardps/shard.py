@@ -1,0 +1,176 @@
+"""The ParameterShard: flat parameter buffers plus optimizer state.
+
+A plain class (testable without Ray) that ``launch()`` turns into an actor
+with ``ray.remote(ParameterShard).options(...)``, as ``ray.util.queue`` does.
+
+The shard keeps one flat buffer per dtype. Each key it holds is one
+*segment* (a contiguous range) of that buffer, in registration order; the
+router sends data for a run of segments as one packed array, so an update is
+a handful of vectorised numpy expressions over buffer slices, never a Python
+loop over keys.
+
+Messages (built by the router):
+- register: ``{dtype: (keys, data)}`` appends segments of ``len(data)`` elements;
+- push:     ``{dtype: (segment_ids or None, data)}``; ``None`` means all segments;
+- pull:     ``{dtype: segment_ids or None}``, answered with ``{dtype: data}``.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+
+class _Group:
+    """One dtype's buffer, optimizer state and per-segment bookkeeping."""
+
+    def __init__(self, dtype: np.dtype, slots: tuple[str, ...]):
+        self.dtype = np.dtype(dtype)
+        self.params = np.empty(0, self.dtype)
+        self.state = {name: np.empty(0, self.dtype) for name in slots}
+        self.offsets = np.empty(0, np.int64)
+        self.sizes = np.empty(0, np.int64)
+        self.steps = np.empty(0, np.int64)  # updates applied per segment (Adam's t)
+
+    def append(self, sizes: list[int], data: np.ndarray) -> None:
+        sizes = np.asarray(sizes, np.int64)
+        self.offsets = np.concatenate([self.offsets, len(self.params) + np.cumsum(sizes) - sizes])
+        self.sizes = np.concatenate([self.sizes, sizes])
+        self.steps = np.concatenate([self.steps, np.zeros(len(sizes), np.int64)])
+        self.params = np.concatenate([self.params, data.astype(self.dtype)])
+        for name in self.state:
+            self.state[name] = np.concatenate([self.state[name], np.zeros(len(data), self.dtype)])
+
+    def check_ids(self, ids) -> np.ndarray:
+        """Validated segment ids (all when ``None``); raises ``ValueError``."""
+        if ids is None:
+            return np.arange(len(self.sizes))
+        ids = np.asarray(ids, np.int64)
+        if ids.ndim != 1 or (ids.size and (ids[0] < 0 or ids[-1] >= len(self.sizes))) or np.any(np.diff(ids) <= 0):
+            raise ValueError(f"segment ids must be increasing and below {len(self.sizes)}")
+        return ids
+
+    def runs(self, ids: np.ndarray, by_step: bool):
+        """Maximal runs of ids contiguous in the buffer (and of equal step if asked).
+
+        Yields ``(ids of the run, buffer start, buffer stop, data start)``.
+        """
+        off, size = self.offsets[ids], self.sizes[ids]
+        split = off[1:] != off[:-1] + size[:-1]
+        if by_step:
+            step = self.steps[ids]
+            split |= step[1:] != step[:-1]
+        bounds = np.concatenate([[0], np.flatnonzero(split) + 1, [len(ids)]])
+        data_at = np.concatenate([[0], np.cumsum(size)])
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                yield ids[a:b], int(off[a]), int(off[b - 1] + size[b - 1]), int(data_at[a])
+
+
+class ParameterShard:
+    """Holds a slice of the model and applies pushes with a server-side optimizer.
+
+    Args:
+        shard_id: this shard's index (for stats and errors).
+        optimizer: an optimizer from :mod:`shardps.optim`.
+    """
+
+    def __init__(self, shard_id: int, optimizer):
+        self.shard_id = shard_id
+        self._optimizer = optimizer
+        self._groups: dict[str, _Group] = {}
+        self._num_keys = 0
+        self._version = 0  # pushes applied so far
+        self._last_seq: dict[str, int] = {}  # client id -> last applied sequence number
+        self._pushes = 0
+        self._pulls = 0
+        self._staleness: Counter[int] = Counter()  # staleness -> pushes, when the client says
+
+    def register(self, message: dict) -> None:
+        """Append new segments: ``{dtype: (keys, sizes, data)}``. Raises ``ValueError``."""
+        for dtype, (keys, sizes, data) in message.items():
+            if int(np.sum(sizes)) != data.size:
+                raise ValueError(f"shard {self.shard_id}: register sizes do not match data for {keys}")
+        for dtype, (keys, sizes, data) in message.items():
+            group = self._groups.setdefault(dtype, _Group(np.dtype(dtype), self._optimizer.slots()))
+            group.append(sizes, data)
+            self._num_keys += len(keys)
+
+    def push(self, *messages: dict, client: str | None = None, seq: int | None = None,
+             base_version: int | None = None) -> int:
+        """Apply the mean of one or more pushes (sync mode sends W) as one update.
+
+        ``(client, seq)``: a push whose sequence number is not above the last
+        one applied for that client is a retry and is skipped. ``base_version``:
+        the shard version the gradient was computed at, to record staleness.
+        Returns the shard version after the push. Raises ``ValueError`` for a
+        malformed message, before anything changes.
+        """
+        if client is not None and seq <= self._last_seq.get(client, -1):
+            return self._version
+        plan = self._plan_push(messages)
+        for group, ids, grad in plan:
+            for run_ids, lo, hi, at in group.runs(ids, by_step=True):
+                state = {name: buf[lo:hi] for name, buf in group.state.items()}
+                self._optimizer.apply(group.params[lo:hi], grad[at:at + hi - lo], state,
+                                      int(group.steps[run_ids[0]]))
+            group.steps[ids] += 1
+        if client is not None:
+            self._last_seq[client] = seq
+        if base_version is not None:
+            self._staleness[self._version - base_version] += 1
+        self._version += 1
+        self._pushes += 1
+        return self._version
+
+    def _plan_push(self, messages) -> list:
+        """Validate every message and average them: ``[(group, ids, grad)]``."""
+        if not messages:
+            raise ValueError("push needs at least one message")
+        plan = []
+        for dtype, (ids, _) in messages[0].items():
+            group = self._groups.get(dtype)
+            if group is None:
+                raise ValueError(f"shard {self.shard_id} holds no {dtype} parameters")
+            ids = group.check_ids(ids)
+            expected = int(group.sizes[ids].sum())
+            parts = []
+            for msg in messages:
+                other_ids, data = msg.get(dtype, (None, None))
+                if data is None or data.size != expected or not np.array_equal(group.check_ids(other_ids), ids):
+                    raise ValueError(f"shard {self.shard_id}: push messages disagree for {dtype}")
+                parts.append(data)
+            grad = parts[0] if len(parts) == 1 else np.mean(parts, axis=0, dtype=group.dtype)
+            plan.append((group, ids, grad))
+        return plan
+
+    def pull(self, request: dict | None = None) -> tuple[int, dict]:
+        """Current values: ``(version, {dtype: data})``; ``None`` asks for everything."""
+        if request is None:
+            request = dict.fromkeys(self._groups)
+        out = {}
+        for dtype, ids in request.items():
+            group = self._groups[dtype]
+            if ids is None:
+                out[dtype] = group.params  # serialised by Ray on return: no aliasing
+                continue
+            ids = group.check_ids(ids)
+            out[dtype] = np.concatenate([group.params[lo:hi] for _, lo, hi, _ in group.runs(ids, by_step=False)])
+        self._pulls += 1
+        return self._version, out
+
+    def stats(self) -> dict:
+        """Counters: keys, segments, bytes, pushes, pulls, version, staleness."""
+        return {
+            "shard": self.shard_id,
+            "keys": self._num_keys,
+            "segments": int(sum(len(g.sizes) for g in self._groups.values())),
+            "bytes": int(sum(g.params.nbytes for g in self._groups.values())),
+            "pushes": self._pushes,
+            "pulls": self._pulls,
+            "version": self._version,
+            "staleness": dict(self._staleness),
+        }
+
+    def ping(self) -> None:
+        """Do nothing (Ray's round-trip floor in benchmarks)."""

@@ -1,0 +1,166 @@
+"""The Router on real shard actors: oracle equivalence, concurrency, bad input."""
+import pickle
+
+import numpy as np
+import pytest
+import ray
+
+import shardps
+from shardps import SGD, Adagrad, Adam, Momentum
+from tests.oracle import DictServer
+
+SHAPES = {"w": (300, 70), "b": (70,), "scalar": (), "emb": (2000, 16)}
+BLOCK = 4096  # small blocks so the test model really is split over shards
+
+
+def params(seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
+
+
+@pytest.mark.parametrize("opt", [SGD(lr=0.1), Momentum(lr=0.05), Adam(lr=0.01), Adagrad(lr=0.1)],
+                         ids=lambda o: type(o).__name__)
+def test_sharded_store_matches_single_dict_oracle(make_ps, num_shards, opt):
+    ps = make_ps(num_shards, optimizer=opt, block_bytes=BLOCK)
+    init = params()
+    ps.register(init)
+    oracle = DictServer(opt, init)
+    rng = np.random.default_rng(1)
+    for step in range(6):
+        keys = list(SHAPES) if step % 2 == 0 else ["w", "scalar"]  # full and partial pushes
+        grads = {k: rng.standard_normal(SHAPES[k]).astype(np.float32) for k in keys}
+        ps.push(grads) if step % 3 else ps.push(grads, wait=False).wait()
+        oracle.push(grads)
+        got = ps.pull(["w", "b"]) if step == 3 else ps.pull()
+        for key, value in got.items():
+            assert value.shape == SHAPES[key] and value.dtype == np.float32
+            if isinstance(opt, SGD):
+                np.testing.assert_array_equal(value, oracle.params[key], err_msg=key)
+            else:
+                np.testing.assert_allclose(value, oracle.params[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_pulled_arrays_are_writable_copies(make_ps):
+    ps = make_ps(2, block_bytes=BLOCK)
+    ps.register(params())
+    first = ps.pull(["w"])["w"]
+    first[:] = 123.0
+    assert not np.any(ps.pull(["w"])["w"] == 123.0)
+
+
+def test_big_tensor_spreads_over_all_shards(make_ps):
+    ps = make_ps(4, block_bytes=BLOCK)
+    ps.register(params())
+    assert {shard for shard, _, _ in ps.placement("emb")} == {0, 1, 2, 3}
+    stats = ps.stats()
+    assert sum(s["bytes"] for s in stats) == sum(v.nbytes for v in params().values())
+    assert all(s["blocks"] >= 1 and s["keys"] >= 1 for s in stats)
+
+
+@ray.remote(num_cpus=0.1)
+def push_many(router, times):
+    for _ in range(times):
+        router.push({"w": np.ones(SHAPES["w"], np.float32), "b": np.ones(70, np.float32)})
+    return True
+
+
+def test_concurrent_clients_lose_nothing_and_apply_nothing_twice(make_ps, num_shards):
+    ps = make_ps(num_shards, optimizer=SGD(lr=-1.0), block_bytes=BLOCK)  # lr=-1: push adds
+    ps.register({"w": np.zeros(SHAPES["w"], np.float32), "b": np.zeros(70, np.float32)})
+    assert all(ray.get([push_many.remote(ps, 100) for _ in range(4)]))
+    got = ps.pull()
+    assert (got["w"] == 400).all() and (got["b"] == 400).all()
+    assert sum(s["pushes"] for s in ps.stats()) == 400 * len({s for s, _, _ in ps.placement("w") + ps.placement("b")})
+
+
+def test_router_copy_has_own_client_and_does_not_own_shards(make_ps):
+    ps = make_ps(2, block_bytes=BLOCK)
+    ps.register(params())
+    copy = pickle.loads(pickle.dumps(ps))
+    assert copy._client != ps._client
+    copy.shutdown()  # a copy never removes the shards
+    np.testing.assert_array_equal(copy.pull(["b"])["b"], ps.pull(["b"])["b"])
+
+
+def test_shutdown_removes_actors(ray_session):
+    ps = shardps.launch(2)
+    shard = ps.shards[0]
+    ps.shutdown()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(shard.ping.remote(), timeout=30)
+    ps.shutdown()  # idempotent
+
+
+# ---- bad input: a clear error and nothing changes ----------------------------
+
+BAD_PUSHES = [
+    ({"w": np.ones((300, 70)), "nope": np.ones(3)}, KeyError, "nope"),
+    ({"w": np.ones((70, 300))}, ValueError, "shape"),
+    ({"b": np.ones(70, np.complex64)}, ValueError, "dtype"),
+    ({"b": np.array(["x"] * 70)}, ValueError, "dtype"),
+    ({"b": np.full(70, np.nan)}, ValueError, "NaN"),
+    ({"w": np.ones((300, 70)), "b": np.r_[np.ones(69), np.inf]}, ValueError, "Inf"),
+    ({"b": np.full(70, 1e300)}, ValueError, "Inf"),  # overflows float32
+    ([("b", np.ones(70))], TypeError, "dict"),
+]
+
+
+@pytest.mark.parametrize("values, error, words", BAD_PUSHES)
+def test_bad_push_raises_and_changes_nothing(make_ps, num_shards, values, error, words):
+    ps = make_ps(num_shards, block_bytes=BLOCK)
+    ps.register(params())
+    before = ps.pull()
+    with pytest.raises(error, match=words):
+        ps.push(values)
+    after = ps.pull()
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key])
+    assert sum(s["pushes"] for s in ps.stats()) == 0
+
+
+def test_nonfinite_allowed_when_asked(make_ps):
+    ps = make_ps(2, block_bytes=BLOCK, allow_nonfinite=True, optimizer=SGD(lr=-1.0))
+    ps.register({"b": np.zeros(4, np.float32)})
+    ps.push({"b": np.array([np.nan, np.inf, 0, 1])})
+    assert np.isnan(ps.pull()["b"][0]) and np.isinf(ps.pull()["b"][1])
+
+
+def test_float64_gradient_cast_to_registered_float32(make_ps):
+    ps = make_ps(1, optimizer=SGD(lr=1.0))
+    ps.register({"b": np.zeros(3, np.float32)})
+    ps.push({"b": np.array([1.0, 2.0, 3.0])})
+    np.testing.assert_array_equal(ps.pull()["b"], np.array([-1, -2, -3], np.float32))
+
+
+def test_unknown_key_in_pull_names_it(make_ps):
+    ps = make_ps(2)
+    ps.register({"b": np.zeros(3, np.float32)})
+    with pytest.raises(KeyError, match="missing"):
+        ps.pull(["b", "missing"])
+
+
+@pytest.mark.parametrize("values, error", [
+    ({}, ValueError),
+    ({"b": np.zeros(3, np.float32)}, ValueError),      # already registered
+    ({"i": np.zeros(3, np.int32)}, ValueError),        # not floating point
+    ({"s": np.array(["a"])}, ValueError),
+    ({"e": np.zeros((0, 3), np.float32)}, ValueError),  # no elements
+    ({"n": np.array([np.nan], np.float32)}, ValueError),
+    ({3: np.zeros(3, np.float32)}, TypeError),
+])
+def test_bad_register_raises_and_changes_nothing(make_ps, values, error):
+    ps = make_ps(2)
+    ps.register({"b": np.ones(3, np.float32)})
+    with pytest.raises(error):
+        ps.register(values)
+    assert ps.keys() == ["b"]
+    np.testing.assert_array_equal(ps.pull()["b"], np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize("kwargs", [{"num_shards": 0}, {"num_shards": 2, "block_bytes": 0},
+                                    {"num_shards": 2, "optimizer": "sgd"}])
+def test_bad_launch_arguments_rejected_before_anything_starts(ray_session, kwargs):
+    before = ray.util.placement_group_table()
+    with pytest.raises(ValueError):
+        shardps.launch(**kwargs)
+    assert ray.util.placement_group_table() == before
