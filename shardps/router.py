@@ -54,7 +54,7 @@ class Handle:
             ShardUnavailableError: a shard died.
         """
         if not self._done:
-            self._result = self._finish(_get(self._refs, timeout))
+            self._result = self._finish(gather(self._refs, timeout))
             self._done = True
         return self._result
 
@@ -64,7 +64,8 @@ class Handle:
         return len(ready) == len(self._refs)
 
 
-def _get(refs: list, timeout: float | None) -> list:
+def gather(refs: list, timeout: float | None = None) -> list:
+    """`ray.get` with shardps errors: TimeoutError, ShardUnavailableError."""
     try:
         return ray.get(refs, timeout=timeout)
     except GetTimeoutError as exc:
@@ -138,7 +139,7 @@ class Router:
     def stats(self) -> list[dict]:
         """Per shard: keys, blocks, bytes, pushes, pulls, version, staleness. Blocks."""
         block = self._layout.partitioner.block_bytes
-        stats = _get([shard.stats.remote() for shard in self._shards], None)
+        stats = gather([shard.stats.remote() for shard in self._shards], None)
         for shard_stats, groups in zip(stats, self._layout.shard_segments):
             shard_stats["blocks"] = sum(
                 -(-seg.size * np.dtype(dt).itemsize // block) for dt, segs in groups.items() for seg in segs
@@ -181,7 +182,7 @@ class Router:
             shard.register.remote({dt: (k, s, np.concatenate(p)) for dt, (k, s, p) in msg.items()})
             for shard, msg in zip(self._shards, messages) if msg
         ]
-        _get(refs, None)
+        gather(refs, None)
 
     # ---- push ----------------------------------------------------------
     def push(self, values: Mapping[str, Any], *, wait: bool = True, timeout: float | None = None):

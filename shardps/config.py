@@ -1,0 +1,91 @@
+"""TrainConfig: everything one training run needs, checked once."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from shardps.data import DATASETS
+from shardps.models import MODELS
+from shardps.optim import OPTIMIZERS
+from shardps.partition import DEFAULT_BLOCK_BYTES
+
+MODES = ("sync", "async", "ssp")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Invalid values raise ``ValueError`` naming the field.
+
+    ``steps`` counts steps per worker (one mini-batch each), so every mode
+    sees the same number of examples: ``steps * num_workers * batch_size``.
+    """
+
+    mode: str = "sync"  # the original example's synchronous server
+    num_shards: int = 1  # the single-actor baseline
+    num_workers: int = 2  # one per core here
+    steps: int | None = None  # per worker; None: from `epochs`, else 300
+    epochs: float | None = None  # passes over each worker's part of the data
+    batch_size: int = 32  # small batches learn digits fast
+    lr: float = 0.05  # per-worker SGD rate; sync scales it by num_workers
+    optimizer: str = "sgd"  # server-side rule, see shardps.optim
+    model: str = "cnn"  # the classic MNIST CNN
+    dataset: str = "auto"  # MNIST if found locally, else digits
+    data_dir: str | None = None  # where to look for MNIST first
+    download: bool = False  # never touch the network unless asked
+    staleness: int | None = None  # ssp only: max steps a worker may lead (default 2)
+    scale_lr: bool = True  # sync: lr * num_workers, as the original example does
+    max_inflight: int = 2  # async/ssp: unacknowledged pushes per worker
+    address: str | None = None  # Ray cluster to join; None: local (or RAY_ADDRESS)
+    num_cpus: int | None = None  # CPUs of a locally started Ray; None: all
+    block_bytes: int = DEFAULT_BLOCK_BYTES  # tensor split size for sharding
+    seed: int = 0  # data split, batches and initial weights
+    eval_every: int = 50  # steps (per worker) between test-accuracy checks
+
+    def __post_init__(self):
+        _choice("mode", self.mode, MODES)
+        _choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        _choice("model", self.model, MODELS)
+        _choice("dataset", self.dataset, DATASETS)
+        for name in ("num_shards", "num_workers", "batch_size", "max_inflight", "eval_every", "block_bytes"):
+            _positive_int(name, getattr(self, name))
+        if self.steps is not None:
+            _positive_int("steps", self.steps)
+        if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
+            raise ValueError(f"Argument `epochs` must be positive. Received: {self.epochs!r}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("Give `steps` or `epochs`, not both")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"Argument `lr` must be a positive number. Received: {self.lr!r}")
+        if self.staleness is not None:
+            if self.mode != "ssp":
+                raise ValueError(f"Argument `staleness` applies only to mode 'ssp'. Received mode {self.mode!r}")
+            if not isinstance(self.staleness, int) or self.staleness < 0:
+                raise ValueError(f"Argument `staleness` must be an integer >= 0. Received: {self.staleness!r}")
+
+    @property
+    def bound(self) -> int | None:
+        """The staleness bound in force: K for ssp, None (unbounded) otherwise."""
+        if self.mode != "ssp":
+            return None
+        return 2 if self.staleness is None else self.staleness
+
+    def steps_for(self, num_train: int) -> int:
+        """Steps per worker: ``steps``, or enough for ``epochs`` over a worker's share, or 300."""
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * math.ceil(num_train / self.num_workers) / self.batch_size))
+        return 300
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _choice(name, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"Argument `{name}` must be one of {allowed}. Received: {value!r}")
+
+
+def _positive_int(name, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"Argument `{name}` must be an integer >= 1. Received: {value!r}")

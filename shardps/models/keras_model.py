@@ -1,0 +1,78 @@
+"""Keras 3 (TensorFlow backend) implementations of the model protocol."""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import keras
+from keras import layers
+
+
+def limit_tf_threads() -> None:
+    """One intra-op and one inter-op thread: many processes share 2 cores. Call before any TF op."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TF already initialised in this process: keep its setting
+        pass
+
+
+def _cnn(input_shape, num_classes) -> list:
+    """The classic MNIST CNN: conv 5x5x32, pool, conv 5x5x64, pool, dense 1024, dense 10."""
+    return [
+        layers.Conv2D(32, 5, padding="same", activation="relu", name="conv1"),
+        layers.MaxPooling2D(2, padding="same"),
+        layers.Conv2D(64, 5, padding="same", activation="relu", name="conv2"),
+        layers.MaxPooling2D(2, padding="same"),
+        layers.Flatten(),
+        layers.Dense(1024, activation="relu", name="dense1"),
+        layers.Dense(num_classes, name="dense2"),
+    ]
+
+
+def _mlp(input_shape, num_classes) -> list:
+    """A small dense net for quick runs and tests."""
+    return [layers.Flatten(), layers.Dense(64, activation="relu", name="dense1"),
+            layers.Dense(num_classes, name="dense2")]
+
+
+class KerasModel:
+    """A Keras classifier with numpy-facing weights and gradients."""
+
+    def __init__(self, name: str, input_shape, num_classes: int, *, seed: int = 0):
+        limit_tf_threads()
+        keras.utils.set_random_seed(seed)
+        body = {"cnn": _cnn, "mlp": _mlp}[name](input_shape, num_classes)
+        self.net = keras.Sequential([keras.Input(tuple(input_shape)), *body], name=name)
+        self._vars = {f"{layer.name}/{v.name}": v for layer in self.net.layers for v in layer.trainable_weights}
+        self._grad_fn = tf.function(self._gradients, reduce_retracing=True)
+        self._logits_fn = tf.function(lambda x: self.net(x, training=False), reduce_retracing=True)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._vars)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {name: v.numpy() for name, v in self._vars.items()}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        for name, v in self._vars.items():
+            v.assign(weights[name])
+
+    def _gradients(self, x, y):
+        with tf.GradientTape() as tape:
+            logits = self.net(x, training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+        return tape.gradient(loss, list(self._vars.values())), loss
+
+    def compute_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+        """Gradients of the mean cross-entropy on ``(x, y)`` and the loss."""
+        grads, loss = self._grad_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(y))
+        return {name: g.numpy() for name, g in zip(self._vars, grads)}, float(loss)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024) -> float:
+        """Top-1 accuracy on ``(x, y)``."""
+        correct = 0
+        for i in range(0, len(x), batch_size):
+            logits = self._logits_fn(tf.convert_to_tensor(x[i:i + batch_size]))
+            correct += int(np.sum(np.argmax(logits.numpy(), axis=1) == y[i:i + batch_size]))
+        return correct / max(1, len(x))

@@ -1,0 +1,60 @@
+"""What a training run reports: evaluation points and a summary."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """One evaluation: ``step`` is steps per worker (the mean over workers in async modes)."""
+
+    step: float
+    wall_s: float
+    loss: float
+    accuracy: float
+    samples_per_s: float
+
+
+@dataclass
+class History:
+    """Evaluations over a run plus its totals. ``staleness`` is min/mean/max over applied pushes."""
+
+    mode: str
+    num_shards: int
+    num_workers: int
+    dataset: str
+    points: list[EvalPoint] = field(default_factory=list)
+    steps: int = 0
+    wall_s: float = 0.0
+    samples_per_s: float = 0.0
+    staleness: dict = field(default_factory=dict)
+    max_lead: int = 0
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.points[-1].accuracy if self.points else float("nan")
+
+    def summary(self) -> dict:
+        """The machine-readable summary printed by ``shardps train --json``."""
+        return {
+            "final_accuracy": self.final_accuracy, "steps": self.steps, "wall_s": round(self.wall_s, 3),
+            "samples_per_s": round(self.samples_per_s, 1), "mode": self.mode, "num_shards": self.num_shards,
+            "num_workers": self.num_workers, "dataset": self.dataset, "staleness": self.staleness,
+            "max_lead": self.max_lead,
+        }
+
+    def to_dict(self) -> dict:
+        return {**self.summary(), "points": [asdict(p) for p in self.points]}
+
+
+def staleness_summary(shard_stats: list[dict]) -> dict:
+    """min/mean/max staleness over every push the shards recorded (empty if none)."""
+    counts: dict[int, int] = {}
+    for stats in shard_stats:
+        for staleness, n in stats["staleness"].items():
+            counts[staleness] = counts.get(staleness, 0) + n
+    total = sum(counts.values())
+    if not total:
+        return {}
+    return {"min": min(counts), "mean": sum(s * n for s, n in counts.items()) / total, "max": max(counts),
+            "pushes": total}

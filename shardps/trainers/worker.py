@@ -1,0 +1,59 @@
+"""The training worker: a model replica plus its own part of the data.
+
+A plain class made into a Ray actor by the trainers. It holds a copy of the
+Router, so it talks to the shards directly: the driver is not on the data path.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import ray
+
+from shardps.data import Batches
+from shardps.models import build_model
+
+
+class Worker:
+    """Computes gradients on its mini-batches against the current shard weights."""
+
+    def __init__(self, index: int, router, model: str, input_shape, num_classes: int, x, y,
+                 batch_size: int, *, seed: int = 0):
+        self.index = index
+        self._router = router
+        self._model = build_model(model, input_shape, num_classes, seed=seed)
+        self._batches = Batches(x, y, batch_size, seed=seed * 1000 + index)
+
+    def sync_step(self) -> tuple:
+        """Pull, compute on the next batch; return ``(loss, message for shard 0, ..., shard S-1)``.
+
+        Called with ``num_returns = 1 + num_shards`` so each message becomes
+        its own object ref that the driver hands to its shard unopened.
+        """
+        self._model.set_weights(self._router.pull())
+        grads, loss = self._model.compute_gradients(*next(self._batches))
+        return (loss, *self._router.pack(grads))
+
+    def run(self, steps: int, clock, *, max_inflight: int = 2, step_delay: float = 0.0) -> int:
+        """Async loop: pull -> compute -> push without a barrier, ``steps`` times.
+
+        Before each step asks ``clock`` for permission (the SSP bound, if any)
+        and reports each finished step with its loss. At most ``max_inflight``
+        pushes are unacknowledged at a time; all are acknowledged on return.
+        ``step_delay`` seconds of extra work per step simulate a slow worker.
+        Returns the number of steps done.
+        """
+        inflight: deque = deque()
+        for step in range(steps):
+            ray.get(clock.wait_turn.remote(self.index, step))
+            self._model.set_weights(self._router.pull())
+            grads, loss = self._model.compute_gradients(*next(self._batches))
+            if step_delay:
+                time.sleep(step_delay)  # simulated slowness, not synchronisation
+            inflight.append(self._router.push(grads, wait=False))
+            while len(inflight) > max_inflight:
+                inflight.popleft().wait()
+            clock.tick.remote(self.index, step + 1, loss)
+        for handle in inflight:
+            handle.wait()
+        return steps
