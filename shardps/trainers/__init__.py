@@ -65,6 +65,7 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
             for worker in workers:
                 ray.kill(worker)
         history.staleness = staleness_summary(ps.stats())
+        history.weights = ps.pull()
     history.steps = steps
     return history
 

@@ -29,6 +29,7 @@ class History:
     samples_per_s: float = 0.0
     staleness: dict = field(default_factory=dict)
     max_lead: int = 0
+    weights: dict = field(default_factory=dict, repr=False)  # final parameters, name -> ndarray
 
     @property
     def final_accuracy(self) -> float:

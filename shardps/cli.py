@@ -1,0 +1,139 @@
+"""The ``shardps`` command: ``shardps train ...`` and ``shardps bench ...``.
+
+The only module that reads ``sys.argv`` or prints for humans. Flags are
+checked (through :class:`TrainConfig`) before Ray starts; a bad flag exits
+with a usage error and status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from shardps.config import MODES, TrainConfig
+from shardps.data import DATASETS
+from shardps.models import MODELS
+from shardps.optim import OPTIMIZERS
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train a model on the parameter server",
+                       description="Data-parallel training of a TensorFlow model against sharded parameter actors.")
+    d = TrainConfig()
+    p.add_argument("--mode", choices=MODES, default=d.mode, help="sync (BSP), async (ASP) or ssp (bounded staleness)")
+    p.add_argument("--num-shards", type=int, default=d.num_shards, help="parameter shard actors")
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="training worker actors")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="steps per worker (default 300)")
+    g.add_argument("--epochs", type=float, help="passes over each worker's data instead of --steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (sync multiplies it by --num-workers)")
+    p.add_argument("--no-scale-lr", dest="scale_lr", action="store_false", help="sync: do not scale lr by workers")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=d.optimizer, help="server-side update rule")
+    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="auto: MNIST if found locally, else digits")
+    p.add_argument("--data-dir", help="folder with MNIST (IDX files or mnist.npz)")
+    p.add_argument("--download", action="store_true", help="allow downloading MNIST if not found locally")
+    p.add_argument("--staleness", type=int, help="ssp: max steps a worker may lead the slowest (default 2)")
+    p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="async/ssp: unacknowledged pushes per worker")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between test-accuracy checks")
+    p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+    p.set_defaults(run=_run_train, parser=p)
+    return p
+
+
+def _config_from(args, parser) -> TrainConfig:
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    try:
+        return TrainConfig(**fields)
+    except ValueError as exc:
+        parser.error(str(exc).replace("Argument `", "--").replace("`", "").replace("_", "-"))
+
+
+class _Reporter:
+    """Progress for humans: a bar on a terminal, a line per evaluation otherwise."""
+
+    def __init__(self, enabled: bool):
+        self._bar = None
+        self._enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=None, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, event: dict) -> None:
+        if not self._enabled:
+            return
+        acc = f" acc={event['accuracy']:.4f}" if "accuracy" in event else ""
+        if self._bar is not None:
+            self._bar.total = event["total"]
+            self._bar.n = round(event["step"], 1)
+            self._bar.set_postfix_str(f"loss={event['loss']:.4f}{acc} {event['samples_per_s']:.0f} samples/s")
+        elif acc:
+            print(f"step {event['step']:.0f}/{event['total']} loss={event['loss']:.4f}{acc} "
+                  f"{event['samples_per_s']:.0f} samples/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _run_train(args, parser) -> int:
+    config = _config_from(args, parser)
+    from shardps.trainers import train  # imports TensorFlow: only after the flags are good
+
+    reporter = _Reporter(enabled=True)
+    try:
+        history = train(config, progress=reporter)
+    finally:
+        reporter.close()
+    summary = history.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        st = summary["staleness"]
+        stale = f", staleness min/mean/max {st['min']}/{st['mean']:.2f}/{st['max']}" if st else ""
+        print(f"{config.mode}: {summary['steps']} steps on {summary['dataset']} with {config.num_shards} shards, "
+              f"{config.num_workers} workers: test accuracy {summary['final_accuracy']:.4f}, "
+              f"{summary['wall_s']:.1f} s, {summary['samples_per_s']:.0f} samples/s{stale}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardps", description="A sharded parameter server on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what shardps does")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    try:
+        from benchmarks.cli import add_bench_parser
+    except ImportError:  # benchmarks/ ships with the source tree, not the wheel
+        pass
+    else:
+        add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``shardps`` console script; returns the exit status."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local Ray; clusters: set it (README)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.run(args, args.parser)
+    except KeyboardInterrupt:
+        print("interrupted: shards and workers removed", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"shardps: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

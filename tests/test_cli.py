@@ -1,0 +1,86 @@
+"""The command line: bad flags fail with status 2 before Ray starts; --json prints the summary."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shardps import cli
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--num-shards", "0"], ["train", "--lr", "-0.1"], ["train", "--model", "resnet"],
+    ["train", "--dataset", "imagenet"], ["train", "--staleness", "2"], ["train", "--mode", "ssp", "--staleness", "-1"],
+    ["train", "--steps", "10", "--epochs", "1"], ["train", "--num-workers", "x"],
+])
+def test_bad_flags_exit_2_before_ray_starts(monkeypatch, capsys, argv):
+    monkeypatch.setattr("shardps.cluster.start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert "usage: shardps train" in capsys.readouterr().err
+
+
+def test_train_json_summary_end_to_end(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "shardps.cli", "train", "--model", "mlp", "--dataset", "digits", "--steps", "30",
+         "--num-shards", "2", "--num-cpus", "2", "--eval-every", "10", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 30 and summary["mode"] == "sync" and summary["num_shards"] == 2
+    assert summary["final_accuracy"] > 0.5  # 30 sync steps on digits learn something
+    assert "step 30/30" in out.stderr  # plain progress lines when not on a terminal
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ctrl_c_leaves_no_process_behind(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardps.cli", "train", "--model", "mlp", "--dataset", "digits", "--steps", "100000",
+         "--num-shards", "2", "--num-cpus", "2", "--eval-every", "5"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path,
+    )
+    try:
+        for line in proc.stderr:  # wait until training is really running
+            if line.startswith("step "):
+                break
+        started = _descendants(proc.pid)
+        assert started, "Ray processes should be running under the CLI"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.5)  # polling for processes to exit, not synchronising work
+    assert not [p for p in started if _alive(p)]

@@ -1,0 +1,51 @@
+"""Trainers against oracles: sync == single-process SGD; SSP bounds the lead, ASP does not."""
+import numpy as np
+import pytest
+
+from shardps.config import TrainConfig
+from shardps.data import Batches, load_digits, worker_split
+from shardps.models import build_model
+from shardps.trainers import train
+
+
+@pytest.mark.parametrize("num_shards", [2, 4])
+def test_sync_equals_single_process_sgd_on_concatenated_batches(ray_session, num_shards):
+    config = TrainConfig(mode="sync", num_shards=num_shards, num_workers=3, steps=3, batch_size=16,
+                         lr=0.05, model="mlp", dataset="digits", block_bytes=4096, seed=7)
+    history = train(config)
+
+    data = load_digits(seed=config.seed)
+    model = build_model("mlp", data.input_shape, data.num_classes, seed=config.seed)
+    weights = initial = model.get_weights()
+    parts = worker_split(len(data.x_train), config.num_workers, seed=config.seed)
+    batches = [Batches(data.x_train[idx], data.y_train[idx], config.batch_size, seed=config.seed * 1000 + i)
+               for i, idx in enumerate(parts)]
+    for _ in range(config.steps):
+        xs, ys = zip(*(next(b) for b in batches))
+        model.set_weights(weights)
+        grads, _ = model.compute_gradients(np.concatenate(xs), np.concatenate(ys))
+        weights = {k: w - config.lr * config.num_workers * grads[k] for k, w in weights.items()}  # linear scaling
+
+    assert set(history.weights) == set(weights)
+    for key, expected in weights.items():
+        np.testing.assert_allclose(history.weights[key], expected, rtol=1e-4, atol=1e-5, err_msg=key)
+    assert not np.allclose(weights["dense1/kernel"], initial["dense1/kernel"])  # the comparison means something
+    assert history.staleness["max"] == 0
+
+
+SLOW = [0.25, 0.0, 0.0]  # worker 0 is slow
+
+
+def test_ssp_never_lets_a_worker_lead_by_more_than_the_bound(ray_session):
+    config = TrainConfig(mode="ssp", staleness=1, num_shards=2, num_workers=3, steps=8, model="mlp",
+                         dataset="digits", eval_every=100)
+    history = train(config, step_delays=SLOW)
+    assert history.max_lead <= 1
+    assert history.steps == 8 and 0 <= history.final_accuracy <= 1
+
+
+def test_asp_lets_fast_workers_run_ahead_of_a_slow_one(ray_session):
+    config = TrainConfig(mode="async", num_shards=2, num_workers=3, steps=8, model="mlp",
+                         dataset="digits", eval_every=100)
+    history = train(config, step_delays=SLOW)
+    assert history.max_lead > 2  # without a bound the fast workers leave the slow one behind
