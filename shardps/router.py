@@ -32,6 +32,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from shardps.errors import ShardUnavailableError
 from shardps.partition import KeySpec, Layout
+from shardps.wire import from_wire, to_wire
 
 _NUMERIC_KINDS = "biuf"
 
@@ -179,7 +180,7 @@ class Router:
                 sizes.append(seg.size)
                 parts.append(arrays[spec.name][seg.start:seg.stop])
         refs = [
-            shard.register.remote({dt: (k, s, np.concatenate(p)) for dt, (k, s, p) in msg.items()})
+            shard.register.remote({dt: (k, s, to_wire(np.concatenate(p))) for dt, (k, s, p) in msg.items()})
             for shard, msg in zip(self._shards, messages) if msg
         ]
         gather(refs, None)
@@ -201,7 +202,7 @@ class Router:
         messages = self.pack(values)
         seq = next(self._seq)
         refs = [
-            self._shards[s].push.remote(msg, client=self._client, seq=seq, base_version=self._versions[s])
+            self._shards[s].push.remote(((self._client, seq, self._versions[s]), msg))
             for s, msg in enumerate(messages) if msg is not None
         ]
         handle = Handle(refs, lambda results: None)
@@ -223,7 +224,7 @@ class Router:
                 everything = len(indexed) == len(self._layout.shard_segments[shard][dt])
                 ids = None if everything else np.array([i for i, _ in indexed], np.int64)
                 data = indexed[0][1] if len(indexed) == 1 else np.concatenate([p for _, p in indexed])
-                msg[dt] = (ids, data)
+                msg[dt] = (ids, to_wire(data))
             messages.append(msg or None)
         return messages
 
@@ -246,7 +247,8 @@ class Router:
         return flats
 
     def _check_finite(self, key: str, arr: np.ndarray) -> None:
-        if not self._allow_nonfinite and not np.isfinite(arr).all():
+        # a sum is finite only if every term is: one pass, no temporary; overflow falls back to the exact test
+        if not self._allow_nonfinite and not np.isfinite(np.sum(arr)) and not np.isfinite(arr).all():
             raise ValueError(f"key {key!r}: contains NaN or Inf (launch with allow_nonfinite=True to accept)")
 
     # ---- pull ----------------------------------------------------------
@@ -262,36 +264,60 @@ class Router:
             KeyError: an unregistered key.
             TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
         """
+        requests, unpack = self._pull_plan(keys)
+        asked = [s for s, request in enumerate(requests) if request is not None]
+        refs = [self._shards[s].pull.remote(requests[s]) for s in asked]
+        handle = Handle(refs, lambda replies: unpack(asked, replies))
+        return handle.wait(timeout) if wait else handle
+
+    def push_pull(self, values: Mapping[str, Any], keys: Iterable[str] | str | None = None, *,
+                  wait: bool = True, timeout: float | None = None):
+        """Push ``values``, then pull ``keys`` (all when None): one round trip per shard.
+
+        Each shard applies its part of the push and answers with its part of
+        the pull in the same call, so the values returned include this push.
+        Blocking and errors as :meth:`push` and :meth:`pull`.
+        """
+        messages = self.pack(values)
+        requests, unpack = self._pull_plan(keys)
+        seq = next(self._seq)
+        asked = [s for s in range(self.num_shards) if messages[s] is not None or requests[s] is not None]
+        refs = [
+            self._shards[s].push_pull.remote(((self._client, seq, self._versions[s]), messages[s], requests[s]))
+            for s in asked
+        ]
+        handle = Handle(refs, lambda replies: unpack(asked, replies))
+        return handle.wait(timeout) if wait else handle
+
+    def _pull_plan(self, keys) -> tuple[list[dict | None], Callable]:
+        """Per-shard pull requests (``None``: not involved) and ``unpack(shards, replies) -> dict``."""
         names = self.keys() if keys is None else [keys] if isinstance(keys, str) else list(keys)
         specs = [self.spec(name) for name in names]
         wanted = [defaultdict(list) for _ in self._shards]
         for spec in specs:
             for seg in spec.segments:
                 wanted[seg.shard][spec.dtype.str].append(seg)
-        asked = []
+        requests: list[dict | None] = []
         for shard, groups in enumerate(wanted):
-            if not groups:
-                continue
             request = {}
             for dt, segs in groups.items():
                 segs.sort(key=lambda seg: seg.index)
                 everything = len(segs) == len(self._layout.shard_segments[shard][dt])
                 request[dt] = None if everything else np.array([seg.index for seg in segs], np.int64)
-            asked.append((shard, groups, self._shards[shard].pull.remote(request)))
-        out = {spec.name: np.empty(spec.shape, spec.dtype) for spec in specs}
+            requests.append(request or None)
 
-        def finish(replies: list) -> dict[str, np.ndarray]:
-            for (shard, groups, _), (version, data) in zip(asked, replies):
+        def unpack(shards: list[int], replies: list) -> dict[str, np.ndarray]:
+            out = {spec.name: np.empty(spec.shape, spec.dtype) for spec in specs}
+            for shard, (version, data) in zip(shards, replies):
                 self._versions[shard] = version
-                for dt, segs in groups.items():
-                    at = 0
+                for dt, segs in wanted[shard].items():
+                    at, flat = 0, from_wire(data[dt], np.dtype(dt))
                     for seg in segs:
-                        out[seg.key].reshape(-1)[seg.start:seg.stop] = data[dt][at:at + seg.size]
+                        out[seg.key].reshape(-1)[seg.start:seg.stop] = flat[at:at + seg.size]
                         at += seg.size
             return out
 
-        handle = Handle([ref for _, _, ref in asked], finish)
-        return handle.wait(timeout) if wait else handle
+        return requests, unpack
 
     # ---- lifetime ------------------------------------------------------
     def shutdown(self) -> None:

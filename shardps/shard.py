@@ -13,12 +13,19 @@ Messages (built by the router):
 - register: ``{dtype: (keys, data)}`` appends segments of ``len(data)`` elements;
 - push:     ``{dtype: (segment_ids or None, data)}``; ``None`` means all segments;
 - pull:     ``{dtype: segment_ids or None}``, answered with ``{dtype: data}``.
+
+Data travels as :mod:`shardps.wire` encodes it (bytes when small). Per-call
+metadata is one positional tuple: Ray charges ~0.15 ms for keyword arguments.
 """
 from __future__ import annotations
 
 from collections import Counter
 
 import numpy as np
+
+from shardps.wire import from_wire, to_wire
+
+_CHUNK = 64 * 1024  # elements per optimizer call: 256 KiB of float32, fits in L2 with its temporaries
 
 
 class _Group:
@@ -88,32 +95,44 @@ class ParameterShard:
 
     def register(self, message: dict) -> None:
         """Append new segments: ``{dtype: (keys, sizes, data)}``. Raises ``ValueError``."""
-        for dtype, (keys, sizes, data) in message.items():
-            if int(np.sum(sizes)) != data.size:
+        arrays = {dtype: from_wire(data, np.dtype(dtype)) for dtype, (_, _, data) in message.items()}
+        for dtype, (keys, sizes, _) in message.items():
+            if int(np.sum(sizes)) != arrays[dtype].size:
                 raise ValueError(f"shard {self.shard_id}: register sizes do not match data for {keys}")
-        for dtype, (keys, sizes, data) in message.items():
+        for dtype, (keys, sizes, _) in message.items():
             group = self._groups.setdefault(dtype, _Group(np.dtype(dtype), self._optimizer.slots()))
-            group.append(sizes, data)
+            group.append(sizes, arrays[dtype])
             self._num_keys += len(keys)
 
-    def push(self, *messages: dict, client: str | None = None, seq: int | None = None,
-             base_version: int | None = None) -> int:
+    def push(self, packet: tuple) -> int:
+        """Apply one push: ``packet = (tag, message)``; see :meth:`push_mean`.
+
+        One argument, not two: Ray charges per argument (~0.05 ms each).
+        """
+        tag, message = packet
+        return self.push_mean(tag, message)
+
+    def push_mean(self, tag: tuple | None, *messages: dict) -> int:
         """Apply the mean of one or more pushes (sync mode sends W) as one update.
 
-        ``(client, seq)``: a push whose sequence number is not above the last
-        one applied for that client is a retry and is skipped. ``base_version``:
-        the shard version the gradient was computed at, to record staleness.
-        Returns the shard version after the push. Raises ``ValueError`` for a
-        malformed message, before anything changes.
+        ``tag`` is ``(client, seq, base_version)`` (any may be None) or None.
+        A push whose ``seq`` is not above the last one applied for ``client``
+        is a retry and is skipped. ``base_version``: the shard version the
+        gradient was computed at, to record staleness. Returns the shard
+        version after the push. Raises ``ValueError`` for a malformed
+        message, before anything changes.
         """
+        client, seq, base_version = tag or (None, None, None)
         if client is not None and seq <= self._last_seq.get(client, -1):
             return self._version
         plan = self._plan_push(messages)
         for group, ids, grad in plan:
             for run_ids, lo, hi, at in group.runs(ids, by_step=True):
-                state = {name: buf[lo:hi] for name, buf in group.state.items()}
-                self._optimizer.apply(group.params[lo:hi], grad[at:at + hi - lo], state,
-                                      int(group.steps[run_ids[0]]))
+                step = int(group.steps[run_ids[0]])
+                for a in range(lo, hi, _CHUNK):  # cache-sized pieces: the update's temporaries stay in cache
+                    b = min(a + _CHUNK, hi)
+                    state = {name: buf[a:b] for name, buf in group.state.items()}
+                    self._optimizer.apply(group.params[a:b], grad[at + a - lo:at + b - lo], state, step)
             group.steps[ids] += 1
         if client is not None:
             self._last_seq[client] = seq
@@ -137,6 +156,7 @@ class ParameterShard:
             parts = []
             for msg in messages:
                 other_ids, data = msg.get(dtype, (None, None))
+                data = None if data is None else from_wire(data, group.dtype)
                 if data is None or data.size != expected or not np.array_equal(group.check_ids(other_ids), ids):
                     raise ValueError(f"shard {self.shard_id}: push messages disagree for {dtype}")
                 parts.append(data)
@@ -152,12 +172,20 @@ class ParameterShard:
         for dtype, ids in request.items():
             group = self._groups[dtype]
             if ids is None:
-                out[dtype] = group.params  # serialised by Ray on return: no aliasing
+                out[dtype] = to_wire(group.params)  # serialised by Ray on return: no aliasing
                 continue
             ids = group.check_ids(ids)
-            out[dtype] = np.concatenate([group.params[lo:hi] for _, lo, hi, _ in group.runs(ids, by_step=False)])
+            runs = group.runs(ids, by_step=False)
+            out[dtype] = to_wire(np.concatenate([group.params[lo:hi] for _, lo, hi, _ in runs]))
         self._pulls += 1
         return self._version, out
+
+    def push_pull(self, packet: tuple) -> tuple[int, dict]:
+        """``packet = (tag, message, request)``: push ``message`` (if any), then pull ``request`` (if any)."""
+        tag, message, request = packet
+        if message is not None:
+            self.push_mean(tag, message)
+        return self.pull(request) if request is not None else (self._version, {})
 
     def stats(self) -> dict:
         """Counters: keys, segments, bytes, pushes, pulls, version, staleness."""

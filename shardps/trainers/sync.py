@@ -16,7 +16,7 @@ def run_sync(ps, workers: list, steps: int, evaluate, config) -> None:
     losses: list[float] = []
     for step in range(1, steps + 1):
         outs = [w.sync_step.options(num_returns=1 + num_shards).remote() for w in workers]
-        acks = [ps.shards[s].push.remote(*[out[1 + s] for out in outs], base_version=step - 1) for s in involved]
+        acks = [ps.shards[s].push_mean.remote((None, None, step - 1), *[out[1 + s] for out in outs]) for s in involved]
         losses.extend(gather([out[0] for out in outs]))
         gather(acks)
         due = step % config.eval_every == 0 or step == steps

@@ -1,0 +1,81 @@
+"""Shared pieces of the benchmarks: workloads, timing, output."""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+MNIST_CNN = {
+    "conv1/kernel": (5, 5, 1, 32), "conv1/bias": (32,), "conv2/kernel": (5, 5, 32, 64), "conv2/bias": (64,),
+    "dense1/kernel": (3136, 1024), "dense1/bias": (1024,), "dense2/kernel": (1024, 10), "dense2/bias": (10,),
+}
+
+
+def workloads(scale: float = 1.0) -> dict[str, dict[str, tuple[int, ...]]]:
+    """name -> {key: shape} (float32). ``scale`` < 1 shrinks every size (smoke tests)."""
+    def n(x):
+        return max(1, int(x * scale))
+
+    cnn = MNIST_CNN if scale == 1.0 else {"dense1/kernel": (n(3136), 1024), "dense1/bias": (1024,)}
+    return {
+        "cnn": cnn,                                                    # 3.3 M floats, 13 MB
+        "big": {"big": (n(25_000_000),)},                              # one 100 MB tensor
+        "many": {f"t{i:04d}": (1000,) for i in range(n(1000))},        # 1000 x 1k floats
+        "tiny": {f"tiny{i}": (10,) for i in range(8)},                 # latency
+        "model10x100k": {f"layer{i}": (n(100_000),) for i in range(10)},  # 10 x 100k floats
+    }
+
+
+def arrays(shapes: dict[str, tuple[int, ...]], seed: int = 0, scale: float = 1.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+
+
+def time_op(fn: Callable[[], object], *, warmup: int = 2, min_repeats: int = 5, max_repeats: int = 30,
+            min_seconds: float = 1.0) -> list[float]:
+    """Seconds per call of ``fn`` after ``warmup`` calls; repeats until both minimums are met."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def write_rows(out_dir: Path, name: str, rows: list[dict]) -> None:
+    """``name``.csv and ``name``.json in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    if rows:
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        with open(out_dir / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """A plain aligned table on stdout."""
+    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+    return str(value)
