@@ -4,7 +4,7 @@ Measured in one run, side by side: shardps at each shard count, THE BASELINE
 (the original example's single-actor server, benchmarks/baseline.py), and
 Ray's own floor (empty calls fanned out to the same number of actors; a bare
 ``ray.put``/``ray.get`` of the same bytes; sending the same arrays to one
-actor that does nothing). Medians over repeats after warm-up.
+actor that does nothing).
 
     python -m benchmarks.ps_throughput --out bench-out            # full sweep
     python -m benchmarks.ps_throughput --scale 0.001 --repeats 3  # seconds
@@ -12,6 +12,8 @@ actor that does nothing). Medians over repeats after warm-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -74,61 +76,76 @@ def _row(workload, optimizer, system, shards, clients, op, nbytes, seconds, **ex
             **extra}
 
 
-def _timing(args) -> dict:
-    return {"min_repeats": args.repeats, "max_repeats": max(args.repeats, 30), "min_seconds": args.min_seconds}
+def _interleaved(ops: dict, rounds: int, seconds: float) -> dict:
+    """Median seconds per call of each op: ops take turns for ``rounds`` rounds (so noise hits all alike)."""
+    per_round: dict = {key: [] for key in ops}
+    for r in range(rounds):
+        for key, fn in ops.items():
+            times = time_op(fn, warmup=2 if r == 0 else 1, min_repeats=3, max_repeats=200, min_seconds=seconds)
+            per_round[key].append(median(times))
+    return {key: median(values) for key, values in per_round.items()}
 
 
-def _concurrent(target, shapes, num_clients: int, pushes: int, repeats: int) -> float:
-    """Median wall seconds for ``num_clients`` actors to push ``pushes`` times each."""
-    clients = [ray.remote(_Client).options(num_cpus=0.01).remote(target, shapes, i) for i in range(num_clients)]
+def _concurrent(targets: dict, shapes, num_clients: int, pushes: int, rounds: int) -> dict:
+    """Median wall seconds, per target, for ``num_clients`` actors to push ``pushes`` times each."""
+    clients = {key: [ray.remote(_Client).options(num_cpus=0.01).remote(target, shapes, i) for i in range(num_clients)]
+               for key, target in targets.items()}
     try:
-        ray.get([c.push.remote(1) for c in clients])  # warm-up
-        walls = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            ray.get([c.push.remote(pushes) for c in clients])
-            walls.append(time.perf_counter() - t0)
-        return median(walls)
+        ray.get([c.push.remote(1) for group in clients.values() for c in group])  # warm-up
+        walls: dict = {key: [] for key in targets}
+        for _ in range(rounds):
+            for key, group in clients.items():
+                t0 = time.perf_counter()
+                ray.get([c.push.remote(pushes) for c in group])
+                walls[key].append(time.perf_counter() - t0)
+        return {key: median(w) for key, w in walls.items()}
     finally:
-        for c in clients:
-            ray.kill(c)
+        for group in clients.values():
+            for c in group:
+                ray.kill(c)
 
 
 def measure_workload(name, shapes, args, rows, loads) -> None:
-    """Append rows for one workload: baseline, floors and shardps at every shard count."""
+    """Append rows for one workload: baseline, floors and shardps at every shard count, interleaved."""
     values = arrays(shapes, scale=1e-3)
     nbytes = sum(v.nbytes for v in values.values())
-    timing = _timing(args)
-    server = ray.remote(BaselineServer).options(num_cpus=0.01).remote(list(values), list(values.values()))
-    sink = ray.remote(_Sink).options(num_cpus=0.01).remote()
-    try:
-        for op, fn in _ops_baseline(server, values).items():
-            rows.append(_row(name, "add", "baseline", 1, 1, op, nbytes, median(time_op(fn, **timing))))
-        ref_values = list(values.values())
-        rows.append(_row(name, "-", "floor", 1, 1, "put+get", nbytes,
-                         median(time_op(lambda: ray.get(ray.put(ref_values)), **timing))))
-        rows.append(_row(name, "-", "floor", 1, 1, "send", nbytes,
-                         median(time_op(lambda: ray.get(sink.take.remote(*ref_values)), **timing))))
-        if args.clients > 1:
-            wall = _concurrent(server, shapes, args.clients, args.client_pushes, args.repeats)
-            rows.append(_row(name, "add", "baseline", 1, args.clients, "push", nbytes * args.clients * args.client_pushes, wall))
-    finally:
-        ray.kill(server)
-        ray.kill(sink)
-    for opt_name in args.optimizers:
-        for num_shards in args.shards:
-            with shardps.launch(num_shards, optimizer=OPTIMIZERS[opt_name](), block_bytes=args.block_bytes) as ps:
+    keys, vals = list(values), list(values.values())
+    placed = {"num_cpus": 0.01, "resources": args.server_resources}  # where servers may live
+    for n, opt_name in enumerate(args.optimizers):
+        with contextlib.ExitStack() as stack:
+            ops, concurrent, meta = {}, {}, {}
+            if n == 0:  # the baseline and the byte floors do not depend on the optimizer
+                server = ray.remote(BaselineServer).options(**placed).remote(keys, vals)
+                sink = ray.remote(_Sink).options(**placed).remote()
+                stack.callback(ray.kill, server)
+                stack.callback(ray.kill, sink)
+                ops.update({("baseline", 1, op): fn for op, fn in _ops_baseline(server, values).items()})
+                ops[("floor", 1, "put+get")] = lambda: ray.get(ray.put(vals))
+                ops[("floor", 1, "send")] = lambda: ray.get(sink.take.remote(*vals))
+                concurrent["baseline", 1] = server
+            stores = {}
+            for num_shards in args.shards:
+                ps = stack.enter_context(shardps.launch(num_shards, optimizer=OPTIMIZERS[opt_name](),
+                                                        block_bytes=args.block_bytes,
+                                                        shard_resources=args.server_resources))
                 ps.register(values)
-                involved = sorted({s for key in values for s, _, _ in ps.placement(key)})
-                fanout = median(time_op(lambda: ray.get([ps.shards[s].ping.remote() for s in involved]), **timing))
-                rows.append(_row(name, "-", "floor", len(involved), 1, "fanout", 0, fanout))
-                for op, fn in _ops_shardps(ps, values).items():
-                    rows.append(_row(name, opt_name, "shardps", num_shards, 1, op, nbytes,
-                                     median(time_op(fn, **timing)), involved=len(involved)))
-                if args.clients > 1:
-                    wall = _concurrent(ps, shapes, args.clients, args.client_pushes, args.repeats)
-                    rows.append(_row(name, opt_name, "shardps", num_shards, args.clients, "push",
-                                     nbytes * args.clients * args.client_pushes, wall))
+                stores[num_shards] = ps
+                involved = [ps.shards[s] for s in sorted({s for k in values for s, _, _ in ps.placement(k)})]
+                meta[num_shards] = len(involved)
+                ops[("floor", len(involved), "fanout")] = lambda inv=involved: ray.get([a.ping.remote() for a in inv])
+                ops.update({("shardps", num_shards, op): fn for op, fn in _ops_shardps(ps, values).items()})
+                concurrent["shardps", num_shards] = ps
+            for (system, shards, op), seconds in _interleaved(ops, args.repeats, args.min_seconds).items():
+                extra = {"involved": meta[shards]} if system == "shardps" else {}
+                optimizer = {"baseline": "add", "floor": "-"}.get(system, opt_name)
+                rows.append(_row(name, optimizer, system, shards, 1, op, nbytes, seconds, **extra))
+            if args.clients > 1 and name in args.client_workloads:
+                moved = nbytes * args.clients * args.client_pushes
+                for (system, shards), wall in _concurrent(concurrent, shapes, args.clients, args.client_pushes,
+                                                          args.repeats).items():
+                    rows.append(_row(name, "add" if system == "baseline" else opt_name, system, shards,
+                                     args.clients, "push", moved, wall))
+            for num_shards, ps in stores.items():
                 stats = ps.stats()
                 pushes = sum(s["pushes"] for s in stats) or 1
                 loads.extend({"workload": name, "optimizer": opt_name, "shards": num_shards, "shard": s["shard"],
@@ -185,12 +202,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workloads", nargs="+", default=list(workloads()), choices=list(workloads()))
     p.add_argument("--optimizers", nargs="+", default=["sgd", "adam"], choices=list(OPTIMIZERS))
     p.add_argument("--clients", type=int, default=4, help="concurrent client actors (1: skip)")
-    p.add_argument("--client-pushes", type=int, default=10, help="pushes per client per repeat")
-    p.add_argument("--repeats", type=int, default=7, help="minimum timed repeats (median reported)")
-    p.add_argument("--min-seconds", type=float, default=1.0, help="minimum timed seconds per measurement")
+    p.add_argument("--client-workloads", nargs="+", default=["model10x100k", "cnn"],
+                   help="workloads also measured with concurrent clients")
+    p.add_argument("--client-pushes", type=int, default=5, help="pushes per client per round")
+    p.add_argument("--repeats", type=int, default=5, help="rounds; every configuration is timed once per round")
+    p.add_argument("--min-seconds", type=float, default=0.3, help="minimum seconds per configuration per round")
     p.add_argument("--scale", type=float, default=1.0, help="shrink tensor sizes (smoke tests)")
     p.add_argument("--block-bytes", type=int, default=shardps.partition.DEFAULT_BLOCK_BYTES)
-    p.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--node-ip", help="this host's IP in the cluster (with --address)")
+    p.add_argument("--server-resources", type=json.loads, default={},
+                   help='JSON Ray resources for shards and the baseline, e.g. \'{"server": 0.01}\'')
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -203,7 +226,9 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = not ray.is_initialized()
-    if started:
+    if started and args.address:
+        ray.init(address=args.address, _node_ip_address=args.node_ip)
+    elif started:
         shardps.cluster.start_ray(num_cpus=args.num_cpus)
     try:
         rows, loads = [], []

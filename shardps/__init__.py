@@ -3,6 +3,7 @@
 Importing shardps starts nothing: Ray starts in :func:`launch`, and
 TensorFlow is imported only by the training API (:func:`train`).
 """
+from shardps.checkpoint import restore
 from shardps.cluster import launch
 from shardps.errors import ShardUnavailableError
 from shardps.optim import SGD, Adagrad, Adam, Momentum
@@ -11,7 +12,7 @@ from shardps.router import Handle, Router
 from shardps.shard import ParameterShard
 
 __all__ = [
-    "launch", "Router", "Handle", "HashPartitioner", "ParameterShard",
+    "launch", "restore", "Router", "Handle", "HashPartitioner", "ParameterShard",
     "SGD", "Momentum", "Adam", "Adagrad", "ShardUnavailableError",
     "train", "TrainConfig", "History",
 ]

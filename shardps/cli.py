@@ -42,6 +42,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between test-accuracy checks")
+    p.add_argument("--checkpoint-dir", help="save checkpoints here (at the end, and every --checkpoint-every steps)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     p.set_defaults(run=_run_train, parser=p)
     return p

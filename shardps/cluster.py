@@ -40,7 +40,8 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
 
 def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
            block_bytes: int = DEFAULT_BLOCK_BYTES, allow_nonfinite: bool = False,
-           num_cpus: int | None = None, timeout: float | None = 120.0) -> Router:
+           num_cpus: int | None = None, shard_resources: dict | None = None,
+           timeout: float | None = 120.0) -> Router:
     """Start ``num_shards`` parameter shards and return the Router that owns them.
 
     Starts a local Ray when none is running (or joins ``address`` /
@@ -57,6 +58,8 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
         block_bytes: tensors larger than this are split over shards.
         allow_nonfinite: accept NaN/Inf in pushes instead of raising.
         num_cpus: CPUs of a locally started Ray (default: all).
+        shard_resources: extra Ray resources each shard needs, e.g.
+            ``{"ps_server": 0.01}`` to keep shards on nodes that offer it.
         timeout: seconds to wait for the shards to be placed (None: forever).
 
     Raises:
@@ -86,16 +89,19 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
             ray.shutdown()
 
     try:
-        group = placement_group([{"CPU": SHARD_CPUS}] * num_shards, strategy="SPREAD")
+        bundle = {"CPU": SHARD_CPUS, **(shard_resources or {})}
+        group = placement_group([bundle] * num_shards, strategy="SPREAD")
         if not group.wait(timeout_seconds=timeout if timeout is not None else 10**9):
             raise TimeoutError(f"could not place {num_shards} shards within {timeout} s: "
                                f"cluster resources are {ray.cluster_resources()}")
         actor = ray.remote(ParameterShard)
         for i in range(num_shards):
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
-            shards.append(actor.options(num_cpus=SHARD_CPUS, scheduling_strategy=strategy).remote(i, optimizer))
+            options = {"num_cpus": SHARD_CPUS, "resources": shard_resources or {}, "scheduling_strategy": strategy}
+            shards.append(actor.options(**options).remote(i, optimizer))
         ray.get([shard.ping.remote() for shard in shards], timeout=timeout)
     except BaseException:
         release()
         raise
-    return Router(shards, Layout(partitioner), allow_nonfinite=allow_nonfinite, on_shutdown=release)
+    return Router(shards, Layout(partitioner), optimizer=optimizer, allow_nonfinite=allow_nonfinite,
+                  on_shutdown=release)

@@ -40,6 +40,9 @@ class TrainConfig:
     block_bytes: int = DEFAULT_BLOCK_BYTES  # tensor split size for sharding
     seed: int = 0  # data split, batches and initial weights
     eval_every: int = 50  # steps (per worker) between test-accuracy checks
+    checkpoint_dir: str | None = None  # where checkpoints go; None: no checkpoints
+    checkpoint_every: int | None = None  # steps between checkpoints; None: only at the end
+    resume: bool = False  # start from the latest checkpoint in checkpoint_dir, if any
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -56,6 +59,10 @@ class TrainConfig:
             raise ValueError("Give `steps` or `epochs`, not both")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"Argument `lr` must be a positive number. Received: {self.lr!r}")
+        if self.checkpoint_every is not None:
+            _positive_int("checkpoint_every", self.checkpoint_every)
+        if (self.checkpoint_every is not None or self.resume) and not self.checkpoint_dir:
+            raise ValueError("Argument `checkpoint_dir` is needed by checkpoint_every and resume")
         if self.staleness is not None:
             if self.mode != "ssp":
                 raise ValueError(f"Argument `staleness` applies only to mode 'ssp'. Received mode {self.mode!r}")

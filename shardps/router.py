@@ -11,8 +11,9 @@ Cost of one operation on a tensor split over S shards:
   zero-copy and updates its buffer in place.
 - pull: S remote calls in flight together; the shard answers with its buffer
   (one copy into the object store, plus a gather copy when only some keys are
-  asked for); the client reads the answers zero-copy and makes one copy into
-  fresh, writable arrays of the registered shape.
+  asked for); the client reads the answers zero-copy: a key held whole by one
+  shard is returned as a read-only view, a split key is assembled with one
+  copy into a fresh array.
 
 A Router is picklable: a copy sent to a Ray task or actor talks to the same
 shards, with its own client id for exactly-once pushes. Only the Router that
@@ -35,6 +36,11 @@ from shardps.partition import KeySpec, Layout
 from shardps.wire import from_wire, to_wire
 
 _NUMERIC_KINDS = "biuf"
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    """No NaN or Inf. A sum is finite only if every term is (one pass, no temporary); overflow: exact test."""
+    return bool(np.isfinite(np.sum(arr))) or bool(np.isfinite(arr).all())
 
 
 class Handle:
@@ -82,9 +88,10 @@ class Router:
     are removed at the end.
     """
 
-    def __init__(self, shards: list, layout: Layout, *, allow_nonfinite: bool = False,
+    def __init__(self, shards: list, layout: Layout, *, optimizer=None, allow_nonfinite: bool = False,
                  on_shutdown: Callable[[], None] | None = None):
         self._shards = list(shards)
+        self.optimizer = optimizer
         self._layout = layout
         self._allow_nonfinite = allow_nonfinite
         self._on_shutdown = on_shutdown
@@ -185,6 +192,37 @@ class Router:
         ]
         gather(refs, None)
 
+    def load_optimizer_state(self, state: Mapping[str, Mapping[str, np.ndarray]], steps: Mapping[str, int]) -> None:
+        """Set every key's optimizer state (``{key: {slot: array}}``) and step count. Blocks.
+
+        Used by checkpoint restore. Raises ``KeyError``/``ValueError`` before sending anything.
+        """
+        slots = set(self.optimizer.slots())
+        for key in self._layout.keys:
+            spec = self.spec(key)
+            if set(state[key]) != slots or any(np.shape(a) != spec.shape for a in state[key].values()):
+                raise ValueError(f"key {key!r}: optimizer state must have slots {sorted(slots)} of shape {spec.shape}")
+        refs = []
+        for shard, groups in zip(self._shards, self._layout.shard_segments):
+            message = {}
+            for dt, segs in groups.items():
+                flat = {slot: np.concatenate([np.asarray(state[seg.key][slot], dt).reshape(-1)[seg.start:seg.stop]
+                                              for seg in segs]) for slot in slots}
+                message[dt] = (flat, np.array([steps[seg.key] for seg in segs], np.int64))
+            if message:
+                refs.append(shard.load_state.remote(message))
+        gather(refs)
+
+    def save(self, path, *, step: int = 0, keep: int = 2):
+        """Checkpoint parameters and optimizer state under folder ``path``; see :mod:`shardps.checkpoint`.
+
+        Blocks until written; returns the checkpoint's folder. Pushes that
+        complete while the shards are being read may or may not be included.
+        """
+        from shardps.checkpoint import save
+
+        return save(self, path, step=step, keep=keep)
+
     # ---- push ----------------------------------------------------------
     def push(self, values: Mapping[str, Any], *, wait: bool = True, timeout: float | None = None):
         """Send updates (gradients) for some keys; each shard applies its part once.
@@ -209,7 +247,10 @@ class Router:
         return handle.wait(timeout) if wait else handle
 
     def pack(self, values: Mapping[str, Any]) -> list[dict | None]:
-        """Validate ``values`` and build one push message per shard (``None``: not involved)."""
+        """Validate ``values`` and build one push message per shard (``None``: not involved).
+
+        Raises as :meth:`push`; nothing is built unless everything is valid.
+        """
         flats = self._validated(values)
         parts = [defaultdict(list) for _ in self._shards]
         for key, flat in flats.items():
@@ -224,38 +265,49 @@ class Router:
                 everything = len(indexed) == len(self._layout.shard_segments[shard][dt])
                 ids = None if everything else np.array([i for i, _ in indexed], np.int64)
                 data = indexed[0][1] if len(indexed) == 1 else np.concatenate([p for _, p in indexed])
+                if not self._allow_nonfinite and not _all_finite(data):
+                    self._name_nonfinite(flats)
                 msg[dt] = (ids, to_wire(data))
             messages.append(msg or None)
         return messages
 
     def _validated(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Flat arrays in the registered dtypes; checks keys, shapes and dtypes (finiteness: in :meth:`pack`)."""
         if not isinstance(values, Mapping):
             raise TypeError(f"push needs a dict of name -> array. Received: {type(values).__name__}")
         flats = {}
         for key, value in values.items():
             spec = self.spec(key)
-            arr = np.asarray(value)
+            arr = value if type(value) is np.ndarray else np.asarray(value)
             if arr.shape != spec.shape:
                 raise ValueError(f"key {key!r}: expected shape {spec.shape}, received {arr.shape}")
-            if arr.dtype.kind not in _NUMERIC_KINDS or not np.can_cast(arr.dtype, spec.dtype, "same_kind"):
-                raise ValueError(f"key {key!r}: expected dtype {spec.dtype} (or one that casts to it), "
-                                 f"received {arr.dtype}")
-            with np.errstate(over="ignore"):  # overflow becomes Inf, rejected just below
-                flat = np.ascontiguousarray(arr, dtype=spec.dtype).reshape(-1)
-            self._check_finite(key, flat)
-            flats[key] = flat
+            if arr.dtype != spec.dtype:
+                if arr.dtype.kind not in _NUMERIC_KINDS or not np.can_cast(arr.dtype, spec.dtype, "same_kind"):
+                    raise ValueError(f"key {key!r}: expected dtype {spec.dtype} (or one that casts to it), "
+                                     f"received {arr.dtype}")
+                with np.errstate(over="ignore"):  # overflow becomes Inf, rejected in pack()
+                    arr = arr.astype(spec.dtype)
+            flats[key] = arr.reshape(-1)
         return flats
 
+    def _name_nonfinite(self, flats: dict[str, np.ndarray]) -> None:
+        """Raise ``ValueError`` naming the first key holding NaN or Inf."""
+        for key, flat in flats.items():
+            if not _all_finite(flat):
+                raise ValueError(f"key {key!r}: contains NaN or Inf (launch with allow_nonfinite=True to accept)")
+
     def _check_finite(self, key: str, arr: np.ndarray) -> None:
-        # a sum is finite only if every term is: one pass, no temporary; overflow falls back to the exact test
-        if not self._allow_nonfinite and not np.isfinite(np.sum(arr)) and not np.isfinite(arr).all():
+        if not self._allow_nonfinite and not _all_finite(arr):
             raise ValueError(f"key {key!r}: contains NaN or Inf (launch with allow_nonfinite=True to accept)")
 
     # ---- pull ----------------------------------------------------------
     def pull(self, keys: Iterable[str] | str | None = None, *, wait: bool = True, timeout: float | None = None):
         """Current values of ``keys`` (all when None) as ``{name: ndarray}``.
 
-        Arrays are fresh, writable and have the registered shape and dtype.
+        Arrays have the registered shape and dtype and never change after
+        they are returned. Like ``ray.get`` of a numpy array, a key held
+        whole by one shard comes back as a read-only zero-copy view: copy it
+        before writing to it.
         With ``wait=False`` returns a :class:`Handle` whose ``wait()`` gives
         the dict. A shard's part reflects every push it acknowledged before
         the pull reached it.
@@ -307,15 +359,20 @@ class Router:
             requests.append(request or None)
 
         def unpack(shards: list[int], replies: list) -> dict[str, np.ndarray]:
-            out = {spec.name: np.empty(spec.shape, spec.dtype) for spec in specs}
+            # a key held whole by one shard is a zero-copy view of the reply; split keys are assembled
+            out = {spec.name: np.empty(spec.shape, spec.dtype) for spec in specs if len(spec.segments) > 1}
             for shard, (version, data) in zip(shards, replies):
                 self._versions[shard] = version
                 for dt, segs in wanted[shard].items():
                     at, flat = 0, from_wire(data[dt], np.dtype(dt))
                     for seg in segs:
-                        out[seg.key].reshape(-1)[seg.start:seg.stop] = flat[at:at + seg.size]
+                        part = flat[at:at + seg.size]
+                        if seg.key in out:
+                            out[seg.key].reshape(-1)[seg.start:seg.stop] = part
+                        else:
+                            out[seg.key] = part.reshape(self._layout.keys[seg.key].shape)
                         at += seg.size
-            return out
+            return {name: out[name] for name in names}
 
         return requests, unpack
 

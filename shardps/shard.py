@@ -187,6 +187,26 @@ class ParameterShard:
             self.push_mean(tag, message)
         return self.pull(request) if request is not None else (self._version, {})
 
+    def export(self) -> dict:
+        """Everything this shard holds: ``{dtype: (params, {slot: state}, steps per segment)}``."""
+        return {dt: (g.params, g.state, g.steps) for dt, g in self._groups.items()}
+
+    def load_state(self, message: dict) -> None:
+        """Replace optimizer state: ``{dtype: ({slot: data}, steps per segment)}``.
+
+        Raises ``ValueError`` (before changing anything) when a dtype, slot or size does not match.
+        """
+        for dtype, (state, steps) in message.items():
+            group = self._groups.get(dtype)
+            if group is None or set(state) != set(group.state) or len(steps) != len(group.steps) \
+                    or any(np.size(data) != len(group.params) for data in state.values()):
+                raise ValueError(f"shard {self.shard_id}: optimizer state does not match the {dtype} buffer")
+        for dtype, (state, steps) in message.items():
+            group = self._groups[dtype]
+            for name, data in state.items():
+                group.state[name][:] = data
+            group.steps[:] = steps
+
     def stats(self) -> dict:
         """Counters: keys, segments, bytes, pushes, pulls, version, staleness."""
         return {

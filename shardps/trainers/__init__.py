@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import ray
 
+from shardps import checkpoint
 from shardps.cluster import launch
 from shardps.config import TrainConfig
 from shardps.data import Dataset, load, worker_split
@@ -46,21 +47,21 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
     data = load(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
     steps = config.steps_for(len(data.x_train))
-    lr = config.lr * config.num_workers if config.mode == "sync" and config.scale_lr else config.lr
-    optimizer = OPTIMIZERS[config.optimizer](lr=lr)
     history = History(config.mode, config.num_shards, config.num_workers, data.name)
-    with launch(config.num_shards, optimizer=optimizer, address=config.address, num_cpus=config.num_cpus,
-                block_bytes=config.block_bytes) as ps:
-        ps.register(model.get_weights())
+    ps, history.start_step = _open_store(config, model)
+    start = history.start_step
+    with ps:
+        if start >= steps:
+            raise ValueError(f"the checkpoint in {config.checkpoint_dir} is at step {start}: nothing left of {steps} steps")
         workers = _start_workers(ps, data, config)
         try:
-            evaluate = _evaluator(ps, model, data, config, history, progress)
+            on_step = _on_step(ps, model, data, config, history, progress)
             if config.mode == "sync":
                 from shardps.trainers.sync import run_sync
-                run_sync(ps, workers, steps, evaluate, config)
+                run_sync(ps, workers, start, steps, on_step, config)
             else:
                 from shardps.trainers.async_ import run_async
-                history.max_lead = run_async(ps, workers, steps, evaluate, config, step_delays)
+                history.max_lead = run_async(ps, workers, start, steps, on_step, config, step_delays)
         finally:
             for worker in workers:
                 ray.kill(worker)
@@ -68,6 +69,33 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
         history.weights = ps.pull()
     history.steps = steps
     return history
+
+
+def _open_store(config: TrainConfig, model):
+    """Launch the shards: from the latest checkpoint on ``resume``, else with fresh weights.
+
+    Returns ``(router, step to start from)``.
+    """
+    launch_kwargs = {"address": config.address, "num_cpus": config.num_cpus}
+    if config.resume and checkpoint.latest(config.checkpoint_dir) is not None:
+        manifest, params, state = checkpoint.read(config.checkpoint_dir)
+        if set(params) != set(model.names):
+            raise ValueError(f"checkpoint in {config.checkpoint_dir} holds {sorted(params)[:4]}..., "
+                             f"not the weights of model {config.model!r}")
+        log.warning("resuming from %s at step %d", checkpoint.latest(config.checkpoint_dir), manifest["step"])
+        return checkpoint.launch_from(manifest, params, state, num_shards=config.num_shards, **launch_kwargs), \
+            manifest["step"]
+    if config.resume:
+        log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
+    lr = config.lr * config.num_workers if config.mode == "sync" and config.scale_lr else config.lr
+    ps = launch(config.num_shards, optimizer=OPTIMIZERS[config.optimizer](lr=lr), block_bytes=config.block_bytes,
+                **launch_kwargs)
+    try:
+        ps.register(model.get_weights())
+    except BaseException:
+        ps.shutdown()
+        raise
+    return ps, 0
 
 
 def _start_workers(ps, data: Dataset, config: TrainConfig) -> list:
@@ -83,22 +111,29 @@ def _start_workers(ps, data: Dataset, config: TrainConfig) -> list:
     ]
 
 
-def _evaluator(ps, model, data: Dataset, config: TrainConfig, history: History, progress: Progress | None):
-    """``evaluate(step, losses, final)``: test accuracy at the current weights, recorded and reported."""
+def _on_step(ps, model, data: Dataset, config: TrainConfig, history: History, progress: Progress | None):
+    """``on_step(step, losses, evaluate_now=, total=)``: report, evaluate and checkpoint as due."""
     start = time.perf_counter()
     samples_per_step = config.num_workers * config.batch_size
+    saved = history.start_step  # step of the last checkpoint
 
-    def evaluate(step: float, losses: list[float], *, evaluate_now: bool, total: int) -> None:
+    def on_step(step: float, losses: list[float], *, evaluate_now: bool, total: int) -> None:
+        nonlocal saved
         wall = time.perf_counter() - start
         loss = sum(losses) / len(losses) if losses else float("nan")
-        event = {"step": step, "total": total, "loss": loss, "samples_per_s": step * samples_per_step / wall}
+        event = {"step": step, "total": total, "loss": loss,
+                 "samples_per_s": (step - history.start_step) * samples_per_step / wall}
         if evaluate_now:
             model.set_weights(ps.pull())
             point = EvalPoint(step, wall, loss, model.evaluate(data.x_test, data.y_test), event["samples_per_s"])
             history.points.append(point)
             history.wall_s, history.samples_per_s = wall, point.samples_per_s
             event["accuracy"] = point.accuracy
+        every = config.checkpoint_every or total
+        if config.checkpoint_dir and (int(step) // every > saved // every or (step >= total and saved < total)):
+            saved = int(step)
+            event["checkpoint"] = ps.save(config.checkpoint_dir, step=saved)
         if progress is not None:
             progress(event)
 
-    return evaluate
+    return on_step

@@ -29,6 +29,7 @@ class History:
     samples_per_s: float = 0.0
     staleness: dict = field(default_factory=dict)
     max_lead: int = 0
+    start_step: int = 0  # > 0 when resumed from a checkpoint
     weights: dict = field(default_factory=dict, repr=False)  # final parameters, name -> ndarray
 
     @property
@@ -41,7 +42,7 @@ class History:
             "final_accuracy": self.final_accuracy, "steps": self.steps, "wall_s": round(self.wall_s, 3),
             "samples_per_s": round(self.samples_per_s, 1), "mode": self.mode, "num_shards": self.num_shards,
             "num_workers": self.num_workers, "dataset": self.dataset, "staleness": self.staleness,
-            "max_lead": self.max_lead,
+            "max_lead": self.max_lead, "start_step": self.start_step,
         }
 
     def to_dict(self) -> dict:

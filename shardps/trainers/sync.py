@@ -4,8 +4,8 @@ from __future__ import annotations
 from shardps.router import gather
 
 
-def run_sync(ps, workers: list, steps: int, evaluate, config) -> None:
-    """Run ``steps`` barrier steps. Blocks; raises what a worker or shard raised.
+def run_sync(ps, workers: list, start: int, steps: int, on_step, config) -> None:
+    """Run barrier steps ``start + 1 .. steps``. Blocks; raises what a worker or shard raised.
 
     Each step every worker pulls the same weights and returns one packed
     gradient message per shard as its own object ref; each shard receives the
@@ -14,12 +14,13 @@ def run_sync(ps, workers: list, steps: int, evaluate, config) -> None:
     num_shards = ps.num_shards
     involved = [s for s in range(num_shards) if ps.layout.shard_segments[s]]
     losses: list[float] = []
-    for step in range(1, steps + 1):
+    for i, step in enumerate(range(start + 1, steps + 1)):
         outs = [w.sync_step.options(num_returns=1 + num_shards).remote() for w in workers]
-        acks = [ps.shards[s].push_mean.remote((None, None, step - 1), *[out[1 + s] for out in outs]) for s in involved]
+        tag = (None, None, i)  # every worker pulled at shard version i: staleness 0
+        acks = [ps.shards[s].push_mean.remote(tag, *[out[1 + s] for out in outs]) for s in involved]
         losses.extend(gather([out[0] for out in outs]))
         gather(acks)
         due = step % config.eval_every == 0 or step == steps
-        evaluate(step, losses, evaluate_now=due, total=steps)
+        on_step(step, losses, evaluate_now=due, total=steps)
         if due:
             losses = []

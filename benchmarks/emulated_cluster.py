@@ -1,0 +1,163 @@
+"""The ps sweep on an emulated multi-host Ray cluster, on one machine. Needs root.
+
+Each host is a Linux network namespace joined by a veth pair to a bridge with
+no IP address and no default route, so no packet leaves the private test
+subnet. Host 0 runs the Ray head and the client (the benchmark driver) with
+an unshaped link; hosts 1..N are parameter servers whose links are shaped
+with ``tc tbf`` in both directions (default 250 Mbit/s), one shard per host.
+Every process is stopped by pid at the end (never ``ray stop``, which would
+kill every Ray on the machine).
+
+    sudo python -m benchmarks.emulated_cluster --servers 4 --out bench-out/cluster
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PREFIX = "sps"
+SUBNET = "10.200.0"
+PORT = 6391
+BRIDGE = f"{PREFIX}br0"
+
+
+def _ip(host: int) -> str:
+    return f"{SUBNET}.{host + 1}"
+
+
+def _ns(host: int) -> str:
+    return f"{PREFIX}-n{host}"
+
+
+def _run(*cmd: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, env=env)
+
+
+class EmulatedCluster:
+    """Namespaces, links and Ray nodes for ``servers`` server hosts plus one client host.
+
+    Use as a context manager: on exit every process in the namespaces is
+    stopped by pid and the namespaces and bridge are deleted.
+    """
+
+    def __init__(self, servers: int, *, server_mbit: int = 250, client_mbit: int | None = None,
+                 temp_root: str = f"/tmp/{PREFIX}c"):
+        self.servers = servers
+        self.server_mbit = server_mbit
+        self.client_mbit = client_mbit
+        self.temp_root = Path(temp_root)
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_object_manager_pull_timeout_ms": "60000",
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+
+    @property
+    def address(self) -> str:
+        return f"{_ip(0)}:{PORT}"
+
+    def __enter__(self) -> "EmulatedCluster":
+        try:
+            self._network()
+            self._ray()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _network(self) -> None:
+        _run("ip", "link", "add", BRIDGE, "type", "bridge")
+        _run("ip", "link", "set", BRIDGE, "up")
+        for host in range(self.servers + 1):
+            ns, outside = _ns(host), f"{PREFIX}v{host}"
+            _run("ip", "netns", "add", ns)
+            _run("ip", "link", "add", outside, "type", "veth", "peer", "name", f"{PREFIX}p{host}")
+            _run("ip", "link", "set", f"{PREFIX}p{host}", "netns", ns)
+            _run("ip", "netns", "exec", ns, "ip", "link", "set", f"{PREFIX}p{host}", "name", "eth0")
+            _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{_ip(host)}/24", "dev", "eth0")
+            _run("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
+            _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+            _run("ip", "link", "set", outside, "master", BRIDGE, "up")
+            rate = self.client_mbit if host == 0 else self.server_mbit
+            if rate:
+                shape = ["root", "tbf", "rate", f"{rate}mbit", "burst", "512kb", "latency", "50ms"]
+                _run("tc", "qdisc", "replace", "dev", outside, *shape)  # download into the host
+                _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", *shape)  # upload
+
+    def _ray(self) -> None:
+        common = ["--num-cpus=1", "--disable-usage-stats"]
+        head = ["ray", "start", "--head", f"--node-ip-address={_ip(0)}", f"--port={PORT}",
+                "--include-dashboard=false", f"--temp-dir={self.temp_root}/n0",
+                "--resources", json.dumps({"client": 1})]
+        _run("ip", "netns", "exec", _ns(0), *head, *common, env=self.env)
+        for host in range(1, self.servers + 1):
+            node = ["ray", "start", f"--address={self.address}", f"--node-ip-address={_ip(host)}",
+                    "--resources", json.dumps({"server": 1, f"node{host}": 1})]
+            _run("ip", "netns", "exec", _ns(host), *node, *common, env=self.env)
+        self.in_client([sys.executable, "-c", _WAIT_FOR_NODES.format(address=self.address, ip=_ip(0),
+                                                                     nodes=self.servers + 1)])
+
+    def in_client(self, cmd: list[str]) -> None:
+        """Run ``cmd`` in the client host's namespace, output passed through; raises on failure."""
+        subprocess.run(["ip", "netns", "exec", _ns(0), *cmd], check=True, env=self.env)
+
+    def close(self) -> None:
+        """Stop every process in the namespaces by pid, then delete namespaces and bridge."""
+        hosts = range(self.servers + 1)
+        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            pids = [int(p) for h in hosts for p in _run("ip", "netns", "pids", _ns(h), check=False).stdout.split()]
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait_s
+            while pids and time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+                time.sleep(0.2)
+        for host in hosts:
+            _run("ip", "netns", "del", _ns(host), check=False)
+            _run("ip", "link", "del", f"{PREFIX}v{host}", check=False)
+        _run("ip", "link", "del", BRIDGE, check=False)
+        shutil.rmtree(self.temp_root, ignore_errors=True)
+
+
+_WAIT_FOR_NODES = """
+import time, ray
+ray.init(address="{address}", _node_ip_address="{ip}")
+deadline = time.monotonic() + 120
+while sum(n["Alive"] for n in ray.nodes()) < {nodes}:
+    if time.monotonic() > deadline:
+        raise SystemExit("nodes did not join within 120 s")
+    time.sleep(0.5)
+print("cluster up:", ray.cluster_resources())
+"""
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="shardps bench cluster", description=__doc__.split("\n\n")[0])
+    p.add_argument("--servers", type=int, default=4, help="server hosts (the sweep goes up to this many shards)")
+    p.add_argument("--server-mbit", type=int, default=250, help="each server host's link, Mbit/s")
+    p.add_argument("--client-mbit", type=int, default=0, help="the client's link, Mbit/s (0: unshaped)")
+    p.add_argument("--workloads", nargs="+", default=["cnn", "big"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("bench-out/cluster"))
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        p.error("needs root (network namespaces and tc)")
+    shards = [s for s in (1, 2, 4, 8) if s <= args.servers]
+    with EmulatedCluster(args.servers, server_mbit=args.server_mbit, client_mbit=args.client_mbit or None) as c:
+        c.in_client([sys.executable, "-m", "benchmarks.ps_throughput", "--address", c.address, "--node-ip", _ip(0),
+                     "--server-resources", json.dumps({"server": 0.01}), "--workloads", *args.workloads,
+                     "--optimizers", "sgd", "--clients", "1", "--shards", *map(str, shards),
+                     "--repeats", str(args.repeats), "--min-seconds", "0", "--out", str(args.out)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Training throughput: samples/s and time-to-accuracy per mode and shard count.
+
+The reference is the same model trained in one process with no parameter
+server (plain SGD on the same batch size and learning rate), in the same run.
+
+    python -m benchmarks.training_throughput --out bench-out
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from benchmarks.common import print_table, write_rows
+
+
+def _single_process(dataset, model_name: str, steps: int, batch_size: int, lr: float, seed: int) -> dict:
+    """The reference: one process, no parameter server, no Ray."""
+    from shardps.data import Batches, load
+    from shardps.models import build_model
+
+    data = load(dataset, seed=seed)
+    model = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
+    batches = Batches(data.x_train, data.y_train, batch_size, seed=seed)
+    weights = model.get_weights()
+    model.compute_gradients(*next(batches))  # warm-up: trace the tf.function
+    start, reached = time.perf_counter(), None
+    for step in range(1, steps + 1):
+        model.set_weights(weights)
+        grads, _ = model.compute_gradients(*next(batches))
+        weights = {k: w - lr * grads[k] for k, w in weights.items()}
+        if reached is None and step % 10 == 0:
+            model.set_weights(weights)
+            if model.evaluate(data.x_test, data.y_test) >= 0.95:
+                reached = time.perf_counter() - start
+    wall = time.perf_counter() - start
+    model.set_weights(weights)
+    return {"samples_per_s": steps * batch_size / wall, "wall_s": wall, "time_to_95": reached,
+            "accuracy": model.evaluate(data.x_test, data.y_test)}
+
+
+def run(args) -> list[dict]:
+    import ray
+
+    from shardps.cluster import start_ray
+    from shardps.config import TrainConfig
+    from shardps.trainers import train
+
+    rows = []
+    for dataset, steps in (("synthetic", args.steps), ("digits", args.digits_steps)):
+        ref = _single_process(dataset, args.model, steps * args.workers, args.batch_size, args.lr, args.seed)
+        rows.append({"dataset": dataset, "mode": "single-process", "shards": 0, "workers": 1, **ref})
+        print(f"  {dataset} single-process: {ref['samples_per_s']:.0f} samples/s", flush=True)
+        started = start_ray(num_cpus=args.num_cpus)
+        try:
+            for mode in args.modes:
+                for shards in args.shards:
+                    config = TrainConfig(mode=mode, num_shards=shards, num_workers=args.workers, steps=steps,
+                                         batch_size=args.batch_size, lr=args.lr, model=args.model, dataset=dataset,
+                                         eval_every=10, seed=args.seed)
+                    history = train(config)
+                    reached = next((p.wall_s for p in history.points if p.accuracy >= 0.95), None)
+                    rows.append({"dataset": dataset, "mode": mode, "shards": shards, "workers": args.workers,
+                                 "samples_per_s": history.samples_per_s, "wall_s": history.wall_s,
+                                 "time_to_95": reached, "accuracy": history.final_accuracy})
+                    print(f"  {dataset} {mode} {shards} shards: {history.samples_per_s:.0f} samples/s", flush=True)
+        finally:
+            if started:
+                ray.shutdown()
+    for row in rows:
+        ref = next(r for r in rows if r["dataset"] == row["dataset"] and r["mode"] == "single-process")
+        row["vs_single_process"] = row["samples_per_s"] / ref["samples_per_s"]
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="shardps bench training", description=__doc__.split("\n\n")[0])
+    p.add_argument("--modes", nargs="+", default=["sync", "async", "ssp"])
+    p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=60, help="steps per worker on synthetic MNIST-shaped data")
+    p.add_argument("--digits-steps", type=int, default=300, help="steps per worker on digits")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    p.add_argument("--out", type=Path, default=Path("bench-out"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    args = parse_args(argv)
+    rows = run(args)
+    write_rows(args.out, "training_throughput", rows)
+    print_table(rows, ["dataset", "mode", "shards", "workers", "samples_per_s", "vs_single_process", "time_to_95",
+                       "accuracy"])
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Checkpoints: exact round trip, re-sharding, atomic saves, clear errors on bad files."""
+import json
+
+import numpy as np
+import pytest
+import ray
+
+import shardps
+from shardps import Adam, checkpoint
+
+SHAPES = {"w": (300, 70), "b": (70,), "emb": (2000, 16)}
+
+
+def trained_store(make_ps, num_shards, steps=3):
+    """A store with Adam state after ``steps`` pushes (one partial), and the gradients used."""
+    ps = make_ps(num_shards, optimizer=Adam(lr=0.01), block_bytes=4096)
+    rng = np.random.default_rng(0)
+    ps.register({k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()})
+    for step in range(steps):
+        keys = SHAPES if step != 1 else ["w"]  # uneven Adam step counts per key
+        ps.push({k: rng.standard_normal(SHAPES[k]).astype(np.float32) for k in keys})
+    return ps
+
+
+def assert_same_store(a, b):
+    """Same values now, and the same values after the same further push (so optimizer state matches too)."""
+    grads = {k: np.full(s, 0.5, np.float32) for k, s in SHAPES.items()}
+    for pulled_a, pulled_b in [(a.pull(), b.pull()), (a.push_pull(grads), b.push_pull(grads))]:
+        for key in SHAPES:
+            np.testing.assert_array_equal(pulled_a[key], pulled_b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("restore_shards", [None, 1, 4])
+def test_restore_gives_identical_values_and_optimizer_state(make_ps, tmp_path, restore_shards):
+    ps = trained_store(make_ps, 2)
+    folder = ps.save(tmp_path, step=3)
+    restored = shardps.restore(tmp_path, num_shards=restore_shards)
+    try:
+        assert restored.num_shards == (restore_shards or 2)
+        assert checkpoint.read(folder)[0]["step"] == 3
+        assert_same_store(ps, restored)
+    finally:
+        restored.shutdown()
+
+
+def test_files_are_npz_without_pickle_and_json(make_ps, tmp_path):
+    folder = trained_store(make_ps, 2).save(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["arrays.npz", "manifest.json"]
+    with np.load(folder / "arrays.npz", allow_pickle=False) as npz:
+        assert all(npz[name].dtype == np.float32 for name in npz.files)
+    assert json.loads((folder / "manifest.json").read_text())["optimizer"]["name"] == "adam"
+
+
+def test_crash_mid_save_leaves_previous_checkpoint_intact(make_ps, tmp_path, monkeypatch):
+    ps = trained_store(make_ps, 2)
+    first = ps.save(tmp_path, step=1)
+    before = ps.pull()
+    ps.push({"b": np.ones(70, np.float32)})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ps.save(tmp_path, step=2)
+    monkeypatch.undo()
+    assert checkpoint.latest(tmp_path) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", first.name]  # no temporary left
+    _, params, _ = checkpoint.read(tmp_path)
+    for key in SHAPES:
+        np.testing.assert_array_equal(params[key], before[key])
+
+
+def test_keeps_only_the_newest_checkpoints(make_ps, tmp_path):
+    ps = trained_store(make_ps, 1, steps=1)
+    for step in (1, 2, 3):
+        ps.save(tmp_path, step=step, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")) == ["ckpt-00000002", "ckpt-00000003"]
+
+
+def _corrupt_truncated(folder):
+    path = folder / "arrays.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return "arrays.npz"
+
+
+def _corrupt_shape(folder):
+    m = json.loads((folder / "manifest.json").read_text())
+    m["keys"][0]["shape"] = [3, 3]
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return "arrays.npz"
+
+
+def _corrupt_manifest_field(folder):
+    m = json.loads((folder / "manifest.json").read_text())
+    m["num_shards"] = -4
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return "manifest.json"
+
+
+def _pickled_array(folder):
+    with np.load(folder / "arrays.npz", allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays["p0"] = np.array([{"evil": 1}], dtype=object)  # loading this would need pickle
+    np.savez(folder / "arrays.npz", **arrays)
+    return "arrays.npz"
+
+
+def _escaping_latest(folder):
+    (folder.parent / "LATEST").write_text("../../etc")
+    return "LATEST"
+
+
+def _not_json(folder):
+    (folder / "manifest.json").write_text("{nope")
+    return "manifest.json"
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_truncated, _corrupt_shape, _corrupt_manifest_field, _pickled_array,
+                                     _escaping_latest, _not_json])
+def test_bad_checkpoint_gives_clear_error_and_starts_nothing(make_ps, tmp_path, corrupt):
+    folder = trained_store(make_ps, 1, steps=1).save(tmp_path)
+    culprit = corrupt(folder)
+    groups_before = ray.util.placement_group_table()
+    with pytest.raises(ValueError, match=culprit):
+        shardps.restore(tmp_path)
+    assert ray.util.placement_group_table() == groups_before
+
+
+def test_missing_checkpoint_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        checkpoint.read(tmp_path)
