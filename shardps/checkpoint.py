@@ -48,7 +48,7 @@ def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Pa
         slots = {}
         seg_step = 0
         for seg in spec.segments:
-            params, state, steps = exports[seg.shard][spec.dtype.str]
+            params, state, steps = exports[seg.shard][0][spec.dtype.str]
             flat[seg.start:seg.stop] = params[seg.offset:seg.offset + seg.size]
             for slot, buf in state.items():
                 slots.setdefault(slot, np.empty(spec.size, spec.dtype))[seg.start:seg.stop] = \
@@ -60,7 +60,7 @@ def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Pa
     manifest = {
         "format": FORMAT, "version": VERSION, "step": int(step), "num_shards": router.num_shards,
         "block_bytes": layout.partitioner.block_bytes, "optimizer": optimizer_config(router.optimizer),
-        "keys": keys,
+        "keys": keys, "shards": [meta for _, meta in exports],
     }
     final = root / f"ckpt-{int(step):08d}"
     tmp = root / f".tmp-{uuid.uuid4().hex}"
@@ -149,6 +149,13 @@ def _check_manifest(m, where: Path) -> None:
             bad(f"{field} = {value!r}")
     if not isinstance(m.get("optimizer"), dict):
         bad("optimizer missing")
+    shards = m.get("shards", [])
+    if not isinstance(shards, list) or len(shards) not in (0, m["num_shards"]) or not all(
+            isinstance(s, dict) and isinstance(s.get("version", 0), int)
+            and isinstance(s.get("last_seq", {}), dict)
+            and all(isinstance(k, str) and isinstance(v, int) for k, v in s.get("last_seq", {}).items())
+            for s in shards):
+        bad("shards entry")
     keys = m.get("keys")
     if not isinstance(keys, list) or not keys:
         bad("no keys")

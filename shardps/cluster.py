@@ -41,6 +41,7 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
 def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
            block_bytes: int = DEFAULT_BLOCK_BYTES, allow_nonfinite: bool = False,
            num_cpus: int | None = None, shard_resources: dict | None = None,
+           max_restarts: int = 0, checkpoint_dir: str | None = None,
            timeout: float | None = 120.0) -> Router:
     """Start ``num_shards`` parameter shards and return the Router that owns them.
 
@@ -60,6 +61,11 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
         num_cpus: CPUs of a locally started Ray (default: all).
         shard_resources: extra Ray resources each shard needs, e.g.
             ``{"ps_server": 0.01}`` to keep shards on nodes that offer it.
+        max_restarts: how often Ray may restart a crashed shard (and the
+            router re-send its call). A restarted shard reloads its part of
+            the latest checkpoint in ``checkpoint_dir``; what was pushed
+            after that checkpoint is lost.
+        checkpoint_dir: where ``save()`` writes checkpoints, for restarts.
         timeout: seconds to wait for the shards to be placed (None: forever).
 
     Raises:
@@ -74,6 +80,8 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
         array([-0.1, -0.1, -0.1], dtype=float32)
     """
     partitioner = HashPartitioner(num_shards, block_bytes=block_bytes)  # validates both
+    if not isinstance(max_restarts, int) or max_restarts < 0:
+        raise ValueError(f"Argument `max_restarts` must be an integer >= 0. Received: {max_restarts!r}")
     optimizer = SGD(lr=0.01) if optimizer is None else optimizer
     if not hasattr(optimizer, "apply"):
         raise ValueError(f"Argument `optimizer` must be one of shardps.SGD/Momentum/Adam/Adagrad. Received: {optimizer!r}")
@@ -95,13 +103,16 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
             raise TimeoutError(f"could not place {num_shards} shards within {timeout} s: "
                                f"cluster resources are {ray.cluster_resources()}")
         actor = ray.remote(ParameterShard)
+        recovery = {"checkpoint_dir": None if checkpoint_dir is None else os.path.abspath(checkpoint_dir),
+                    "num_shards": num_shards, "block_bytes": block_bytes}
         for i in range(num_shards):
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
-            options = {"num_cpus": SHARD_CPUS, "resources": shard_resources or {}, "scheduling_strategy": strategy}
-            shards.append(actor.options(**options).remote(i, optimizer))
+            options = {"num_cpus": SHARD_CPUS, "resources": shard_resources or {}, "scheduling_strategy": strategy,
+                       "max_restarts": max_restarts}
+            shards.append(actor.options(**options).remote(i, optimizer, recovery=recovery))
         ray.get([shard.ping.remote() for shard in shards], timeout=timeout)
     except BaseException:
         release()
         raise
     return Router(shards, Layout(partitioner), optimizer=optimizer, allow_nonfinite=allow_nonfinite,
-                  on_shutdown=release)
+                  retries=max_restarts, on_shutdown=release)

@@ -43,6 +43,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None  # where checkpoints go; None: no checkpoints
     checkpoint_every: int | None = None  # steps between checkpoints; None: only at the end
     resume: bool = False  # start from the latest checkpoint in checkpoint_dir, if any
+    max_restarts: int = 3  # per worker (and per shard, with checkpoint_dir) before the run fails
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -59,6 +60,8 @@ class TrainConfig:
             raise ValueError("Give `steps` or `epochs`, not both")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"Argument `lr` must be a positive number. Received: {self.lr!r}")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"Argument `max_restarts` must be an integer >= 0. Received: {self.max_restarts!r}")
         if self.checkpoint_every is not None:
             _positive_int("checkpoint_every", self.checkpoint_every)
         if (self.checkpoint_every is not None or self.resume) and not self.checkpoint_dir:

@@ -22,6 +22,7 @@ shards, with its own client id for exactly-once pushes. Only the Router that
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -44,11 +45,19 @@ def _all_finite(arr: np.ndarray) -> bool:
 
 
 class Handle:
-    """A push or pull in flight. ``wait()`` is the one way to finish it."""
+    """A push or pull in flight. ``wait()`` is the one way to finish it.
 
-    def __init__(self, refs: list, finish: Callable[[list], Any]):
-        self._refs = refs
+    Each call is kept as a function that (re)issues it, so when a shard dies
+    and Ray restarts it, ``wait()`` re-sends that shard's call with the same
+    (client, sequence number): the shard applies it at most once.
+    """
+
+    def __init__(self, calls: list[tuple[Any, Callable[[], Any]]], finish: Callable[[list], Any], *,
+                 retries: int = 0):
+        self._calls = calls  # (shard actor, issue the call -> ObjectRef)
+        self._refs = [issue() for _, issue in calls]
         self._finish = finish
+        self._retries = retries
         self._result = None
         self._done = False
 
@@ -58,17 +67,46 @@ class Handle:
         Raises:
             TimeoutError: not all shards answered within ``timeout`` seconds
                 (``None`` waits forever); the operation may still complete.
-            ShardUnavailableError: a shard died.
+            ShardUnavailableError: a shard died and did not come back (or
+                came back without its parameters).
         """
-        if not self._done:
-            self._result = self._finish(gather(self._refs, timeout))
-            self._done = True
+        if self._done:
+            return self._result
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for attempt in itertools.count():
+            try:
+                replies = gather(self._refs, _left(deadline))
+                break
+            except ShardUnavailableError:
+                if attempt >= self._retries:
+                    raise
+                for i, (shard, issue) in enumerate(self._calls):
+                    if _failed(self._refs[i]):
+                        gather([shard.ping.remote()], _left(deadline))  # queued until the restart is done
+                        self._refs[i] = issue()
+        self._result = self._finish(replies)
+        self._done = True
         return self._result
 
     def done(self) -> bool:
         """True when every shard has answered (``wait()`` will not block)."""
         ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0)
         return len(ready) == len(self._refs)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _failed(ref) -> bool:
+    """True if ``ref``'s call failed because its actor died."""
+    try:
+        ray.get(ref, timeout=0)
+    except RayActorError:
+        return True
+    except Exception:  # still running, or an ordinary error: not a lost call
+        return False
+    return False
 
 
 def gather(refs: list, timeout: float | None = None) -> list:
@@ -89,8 +127,9 @@ class Router:
     """
 
     def __init__(self, shards: list, layout: Layout, *, optimizer=None, allow_nonfinite: bool = False,
-                 on_shutdown: Callable[[], None] | None = None):
+                 retries: int = 0, on_shutdown: Callable[[], None] | None = None):
         self._shards = list(shards)
+        self._retries = retries  # re-sends per call when a shard restarts
         self.optimizer = optimizer
         self._layout = layout
         self._allow_nonfinite = allow_nonfinite
@@ -239,11 +278,12 @@ class Router:
         """
         messages = self.pack(values)
         seq = next(self._seq)
-        refs = [
-            self._shards[s].push.remote(((self._client, seq, self._versions[s]), msg))
+        calls = [
+            (self._shards[s], lambda s=s, tag=(self._client, seq, self._versions[s]), msg=msg:
+                self._shards[s].push.remote((tag, msg)))
             for s, msg in enumerate(messages) if msg is not None
         ]
-        handle = Handle(refs, lambda results: None)
+        handle = Handle(calls, lambda results: None, retries=self._retries)
         return handle.wait(timeout) if wait else handle
 
     def pack(self, values: Mapping[str, Any]) -> list[dict | None]:
@@ -318,8 +358,8 @@ class Router:
         """
         requests, unpack = self._pull_plan(keys)
         asked = [s for s, request in enumerate(requests) if request is not None]
-        refs = [self._shards[s].pull.remote(requests[s]) for s in asked]
-        handle = Handle(refs, lambda replies: unpack(asked, replies))
+        calls = [(self._shards[s], lambda s=s: self._shards[s].pull.remote(requests[s])) for s in asked]
+        handle = Handle(calls, lambda replies: unpack(asked, replies), retries=self._retries)
         return handle.wait(timeout) if wait else handle
 
     def push_pull(self, values: Mapping[str, Any], keys: Iterable[str] | str | None = None, *,
@@ -334,11 +374,12 @@ class Router:
         requests, unpack = self._pull_plan(keys)
         seq = next(self._seq)
         asked = [s for s in range(self.num_shards) if messages[s] is not None or requests[s] is not None]
-        refs = [
-            self._shards[s].push_pull.remote(((self._client, seq, self._versions[s]), messages[s], requests[s]))
+        calls = [
+            (self._shards[s], lambda s=s, tag=(self._client, seq, self._versions[s]):
+                self._shards[s].push_pull.remote((tag, messages[s], requests[s])))
             for s in asked
         ]
-        handle = Handle(refs, lambda replies: unpack(asked, replies))
+        handle = Handle(calls, lambda replies: unpack(asked, replies), retries=self._retries)
         return handle.wait(timeout) if wait else handle
 
     def _pull_plan(self, keys) -> tuple[list[dict | None], Callable]:

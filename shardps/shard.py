@@ -19,13 +19,25 @@ metadata is one positional tuple: Ray charges ~0.15 ms for keyword arguments.
 """
 from __future__ import annotations
 
+import logging
+import os
 from collections import Counter
 
 import numpy as np
 
+from shardps.errors import ShardUnavailableError
 from shardps.wire import from_wire, to_wire
 
+log = logging.getLogger(__name__)
+
 _CHUNK = 64 * 1024  # elements per optimizer call: 256 KiB of float32, fits in L2 with its temporaries
+
+
+def _reconstructed() -> bool:
+    """True inside an actor that Ray restarted after a crash."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
 
 
 class _Group:
@@ -80,9 +92,15 @@ class ParameterShard:
     Args:
         shard_id: this shard's index (for stats and errors).
         optimizer: an optimizer from :mod:`shardps.optim`.
+        recovery: ``{"checkpoint_dir", "num_shards", "block_bytes"}``. When
+            Ray restarts this actor after a crash (re-running ``__init__``),
+            the shard reloads its own part of the latest checkpoint there;
+            updates applied after that checkpoint are lost. Without a usable
+            checkpoint it comes back empty and every call raises
+            :class:`ShardUnavailableError`.
     """
 
-    def __init__(self, shard_id: int, optimizer):
+    def __init__(self, shard_id: int, optimizer, *, recovery: dict | None = None):
         self.shard_id = shard_id
         self._optimizer = optimizer
         self._groups: dict[str, _Group] = {}
@@ -92,6 +110,47 @@ class ParameterShard:
         self._pushes = 0
         self._pulls = 0
         self._staleness: Counter[int] = Counter()  # staleness -> pushes, when the client says
+        self._restarted = recovery is not None and _reconstructed()
+        self._restored_step: int | None = None
+        if self._restarted:
+            self._recover(**recovery)
+
+    def _recover(self, checkpoint_dir: str | None, num_shards: int, block_bytes: int) -> None:
+        """Reload this shard's segments, optimizer state and dedupe table from the latest checkpoint."""
+        from shardps import checkpoint
+        from shardps.partition import HashPartitioner, Layout
+
+        if checkpoint_dir is None or checkpoint.latest(checkpoint_dir) is None:
+            log.error("shard %d restarted with no checkpoint: its parameters are lost", self.shard_id)
+            return
+        manifest, params, state = checkpoint.read(checkpoint_dir)
+        if (manifest["num_shards"], manifest["block_bytes"]) != (num_shards, block_bytes):
+            log.error("shard %d restarted but the checkpoint has another layout", self.shard_id)
+            return
+        layout = Layout(HashPartitioner(num_shards, block_bytes=block_bytes))
+        steps = {}
+        for key in manifest["keys"]:
+            layout.add(key["name"], tuple(key["shape"]), np.dtype(key["dtype"]))
+            steps[key["name"]] = key["step"]
+        for dtype, segs in layout.shard_segments[self.shard_id].items():
+            group = self._groups.setdefault(dtype, _Group(np.dtype(dtype), self._optimizer.slots()))
+            group.append([seg.size for seg in segs],
+                         np.concatenate([params[seg.key].reshape(-1)[seg.start:seg.stop] for seg in segs]))
+            for slot in group.state:
+                group.state[slot][:] = np.concatenate(
+                    [state[seg.key][slot].reshape(-1)[seg.start:seg.stop] for seg in segs])
+            group.steps[:] = [steps[seg.key] for seg in segs]
+            self._num_keys += len(segs)
+        mine = manifest.get("shards", [{}] * num_shards)[self.shard_id]
+        self._version = mine.get("version", 0)
+        self._last_seq = dict(mine.get("last_seq", {}))
+        self._restored_step = manifest["step"]
+        log.warning("shard %d restarted from the checkpoint at step %d", self.shard_id, self._restored_step)
+
+    def _check_alive(self) -> None:
+        if self._restarted and self._restored_step is None:
+            raise ShardUnavailableError(f"shard {self.shard_id} restarted without a usable checkpoint: "
+                                        "its parameters are lost")
 
     def register(self, message: dict) -> None:
         """Append new segments: ``{dtype: (keys, sizes, data)}``. Raises ``ValueError``."""
@@ -122,6 +181,7 @@ class ParameterShard:
         version after the push. Raises ``ValueError`` for a malformed
         message, before anything changes.
         """
+        self._check_alive()
         client, seq, base_version = tag or (None, None, None)
         if client is not None and seq <= self._last_seq.get(client, -1):
             return self._version
@@ -137,7 +197,7 @@ class ParameterShard:
         if client is not None:
             self._last_seq[client] = seq
         if base_version is not None:
-            self._staleness[self._version - base_version] += 1
+            self._staleness[max(0, self._version - base_version)] += 1  # < 0 only after a restore
         self._version += 1
         self._pushes += 1
         return self._version
@@ -166,6 +226,7 @@ class ParameterShard:
 
     def pull(self, request: dict | None = None) -> tuple[int, dict]:
         """Current values: ``(version, {dtype: data})``; ``None`` asks for everything."""
+        self._check_alive()
         if request is None:
             request = dict.fromkeys(self._groups)
         out = {}
@@ -187,9 +248,15 @@ class ParameterShard:
             self.push_mean(tag, message)
         return self.pull(request) if request is not None else (self._version, {})
 
-    def export(self) -> dict:
-        """Everything this shard holds: ``{dtype: (params, {slot: state}, steps per segment)}``."""
-        return {dt: (g.params, g.state, g.steps) for dt, g in self._groups.items()}
+    def export(self) -> tuple[dict, dict]:
+        """Everything this shard holds: ``({dtype: (params, {slot: state}, steps per segment)}, meta)``.
+
+        ``meta`` is ``{"version", "last_seq"}``, so a restarted shard keeps
+        skipping pushes it had already applied.
+        """
+        self._check_alive()
+        groups = {dt: (g.params, g.state, g.steps) for dt, g in self._groups.items()}
+        return groups, {"version": self._version, "last_seq": dict(self._last_seq)}
 
     def load_state(self, message: dict) -> None:
         """Replace optimizer state: ``{dtype: ({slot: data}, steps per segment)}``.
@@ -218,6 +285,9 @@ class ParameterShard:
             "pulls": self._pulls,
             "version": self._version,
             "staleness": dict(self._staleness),
+            "pid": os.getpid(),
+            "restarted": self._restarted,
+            "restored_step": self._restored_step,
         }
 
     def ping(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 
@@ -26,7 +26,8 @@ Progress = Callable[[dict], None]  # receives {"step", "total", "loss", and on e
 
 
 def train(config: TrainConfig, *, progress: Progress | None = None,
-          step_delays: Sequence[float] | None = None) -> History:
+          step_delays: Sequence[float] | None = None,
+          on_start: Callable[[Any, list], None] | None = None) -> History:
     """Train ``config.model`` on ``config.dataset`` with a sharded parameter server.
 
     Blocks until the run ends. Starts (or joins) Ray, the shards and the
@@ -37,6 +38,13 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
         progress: called after every step (sync) or poll (async) with a dict.
         step_delays: extra seconds per step for each worker in async/ssp
             (simulates slow workers; for tests and experiments).
+        on_start: called with the router and the worker actors once they
+            are up (for monitoring and fault-injection tests).
+
+    With ``checkpoint_dir``, shards that crash are restarted by Ray and
+    reload the latest checkpoint (what was pushed since is lost and
+    reported in ``History.recoveries``); crashed workers are restarted and
+    carry on, up to ``max_restarts`` times each.
 
     Returns:
         The :class:`History` of evaluations and the run's totals.
@@ -54,6 +62,8 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
         if start >= steps:
             raise ValueError(f"the checkpoint in {config.checkpoint_dir} is at step {start}: nothing left of {steps} steps")
         workers = _start_workers(ps, data, config)
+        if on_start is not None:
+            on_start(ps, workers)
         try:
             on_step = _on_step(ps, model, data, config, history, progress)
             if config.mode == "sync":
@@ -65,7 +75,9 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
         finally:
             for worker in workers:
                 ray.kill(worker)
-        history.staleness = staleness_summary(ps.stats())
+        stats = ps.stats()
+        history.staleness = staleness_summary(stats)
+        history.recoveries = [{"shard": s["shard"], "step": s["restored_step"]} for s in stats if s["restarted"]]
         history.weights = ps.pull()
     history.steps = steps
     return history
@@ -76,7 +88,9 @@ def _open_store(config: TrainConfig, model):
 
     Returns ``(router, step to start from)``.
     """
-    launch_kwargs = {"address": config.address, "num_cpus": config.num_cpus}
+    restarts = config.max_restarts if config.checkpoint_dir else 0  # without a checkpoint a restart has nothing
+    launch_kwargs = {"address": config.address, "num_cpus": config.num_cpus, "max_restarts": restarts,
+                     "checkpoint_dir": config.checkpoint_dir}
     if config.resume and checkpoint.latest(config.checkpoint_dir) is not None:
         manifest, params, state = checkpoint.read(config.checkpoint_dir)
         if set(params) != set(model.names):
@@ -92,6 +106,8 @@ def _open_store(config: TrainConfig, model):
                 **launch_kwargs)
     try:
         ps.register(model.get_weights())
+        if config.checkpoint_dir:
+            ps.save(config.checkpoint_dir, step=0)  # so a shard that crashes early has something to reload
     except BaseException:
         ps.shutdown()
         raise
@@ -102,7 +118,7 @@ def _start_workers(ps, data: Dataset, config: TrainConfig) -> list:
     """One Worker actor per part of the training data, spread over the cluster."""
     total_cpus = ray.cluster_resources().get("CPU", 1.0)
     cpus = min(1.0, max(0.01, (total_cpus - 0.01 * ps.num_shards) / config.num_workers))  # all must fit
-    actor = ray.remote(Worker).options(num_cpus=cpus, scheduling_strategy="SPREAD")
+    actor = ray.remote(Worker).options(num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=config.max_restarts)
     parts = worker_split(len(data.x_train), config.num_workers, seed=config.seed)
     return [
         actor.remote(i, ps, config.model, data.input_shape, data.num_classes, data.x_train[idx],

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import logging
+
 import ray
+from ray.exceptions import RayActorError
 
 from shardps.trainers.clock import StepClock
+
+log = logging.getLogger(__name__)
 
 _POLL_S = 0.5  # how often the driver reports progress while workers run
 
@@ -18,23 +23,35 @@ def run_async(ps, workers: list, start: int, steps: int, on_step, config,
     largest lead of one worker over the slowest that was seen.
     """
     clock = ray.remote(StepClock).options(num_cpus=0).remote(len(workers), config.bound)
+    delays = list(step_delays or [0.0] * len(workers))
+    restarts = [0] * len(workers)
+
+    def launch_run(i: int, done: int):
+        return workers[i].run.remote(done, steps - start, clock, max_inflight=config.max_inflight,
+                                     step_delay=delays[i])
+
     try:
-        delays = list(step_delays or [0.0] * len(workers))
-        runs = [w.run.remote(steps - start, clock, max_inflight=config.max_inflight, step_delay=delays[i])
-                for i, w in enumerate(workers)]
+        runs = {launch_run(i, 0): i for i in range(len(workers))}
         next_eval, losses = start + config.eval_every, []
-        while True:
-            _, running = ray.wait(runs, num_returns=len(runs), timeout=_POLL_S)
+        while runs:
+            ready, _ = ray.wait(list(runs), num_returns=1, timeout=_POLL_S)
             progress = ray.get(clock.progress.remote())
+            for ref in ready:
+                i = runs.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError:  # the worker died: Ray restarts it; it carries on where it stopped
+                    if restarts[i] >= config.max_restarts:
+                        raise
+                    restarts[i] += 1
+                    log.warning("worker %d died at step %d; restarting it", i, start + progress["done"][i])
+                    runs[launch_run(i, progress["done"][i])] = i
             losses.extend(progress["losses"])
             step = start + sum(progress["done"]) / len(workers)
-            due = step >= next_eval and running
-            on_step(step, losses, evaluate_now=bool(due), total=steps)
+            due = step >= next_eval and bool(runs)
+            on_step(step, losses, evaluate_now=due, total=steps)
             if due:
                 next_eval, losses = next_eval + config.eval_every, []
-            if not running:
-                break
-        ray.get(runs)  # re-raises a worker's error
         final = ray.get(clock.progress.remote())
         losses.extend(final["losses"])
         on_step(steps, losses, evaluate_now=True, total=steps)

@@ -30,6 +30,7 @@ class History:
     staleness: dict = field(default_factory=dict)
     max_lead: int = 0
     start_step: int = 0  # > 0 when resumed from a checkpoint
+    recoveries: list = field(default_factory=list)  # shards restarted from a checkpoint: {"shard", "step"}
     weights: dict = field(default_factory=dict, repr=False)  # final parameters, name -> ndarray
 
     @property
@@ -42,7 +43,7 @@ class History:
             "final_accuracy": self.final_accuracy, "steps": self.steps, "wall_s": round(self.wall_s, 3),
             "samples_per_s": round(self.samples_per_s, 1), "mode": self.mode, "num_shards": self.num_shards,
             "num_workers": self.num_workers, "dataset": self.dataset, "staleness": self.staleness,
-            "max_lead": self.max_lead, "start_step": self.start_step,
+            "max_lead": self.max_lead, "start_step": self.start_step, "recoveries": self.recoveries,
         }
 
     def to_dict(self) -> dict:

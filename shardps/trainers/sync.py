@@ -1,7 +1,16 @@
 """Synchronous (BSP) training: every step, every worker, the same weights."""
 from __future__ import annotations
 
+import itertools
+import logging
+import uuid
+
+from ray.exceptions import RayActorError, RayTaskError
+
+from shardps.errors import ShardUnavailableError
 from shardps.router import gather
+
+log = logging.getLogger(__name__)
 
 
 def run_sync(ps, workers: list, start: int, steps: int, on_step, config) -> None:
@@ -10,17 +19,35 @@ def run_sync(ps, workers: list, start: int, steps: int, on_step, config) -> None
     Each step every worker pulls the same weights and returns one packed
     gradient message per shard as its own object ref; each shard receives the
     W refs (never opened by the driver), averages them and applies once.
+
+    When a worker or shard dies mid-step, Ray restarts it and the whole step
+    is retried with every worker (up to ``config.max_restarts`` times per
+    step). The step's pushes carry (driver id, step), so a shard that had
+    already applied the step before another one failed skips the retry.
     """
-    num_shards = ps.num_shards
-    involved = [s for s in range(num_shards) if ps.layout.shard_segments[s]]
+    driver = f"sync-{uuid.uuid4().hex}"
     losses: list[float] = []
     for i, step in enumerate(range(start + 1, steps + 1)):
-        outs = [w.sync_step.options(num_returns=1 + num_shards).remote() for w in workers]
-        tag = (None, None, i)  # every worker pulled at shard version i: staleness 0
-        acks = [ps.shards[s].push_mean.remote(tag, *[out[1 + s] for out in outs]) for s in involved]
-        losses.extend(gather([out[0] for out in outs]))
-        gather(acks)
+        for attempt in itertools.count():
+            try:
+                losses.extend(_step(ps, workers, (driver, step, i)))
+                break
+            except (RayActorError, RayTaskError, ShardUnavailableError) as exc:
+                if attempt >= config.max_restarts:
+                    raise
+                log.warning("step %d failed (%s); retrying it", step, type(exc).__name__)
         due = step % config.eval_every == 0 or step == steps
         on_step(step, losses, evaluate_now=due, total=steps)
         if due:
             losses = []
+
+
+def _step(ps, workers: list, tag: tuple) -> list[float]:
+    """One barrier step; returns the workers' losses. ``tag``: (client, seq, base version)."""
+    num_shards = ps.num_shards
+    outs = [w.sync_step.options(num_returns=1 + num_shards).remote() for w in workers]
+    involved = [s for s in range(num_shards) if ps.layout.shard_segments[s]]
+    acks = [ps.shards[s].push_mean.remote(tag, *[out[1 + s] for out in outs]) for s in involved]
+    losses = gather([out[0] for out in outs])
+    gather(acks)
+    return losses

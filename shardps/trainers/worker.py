@@ -5,6 +5,7 @@ Router, so it talks to the shards directly: the driver is not on the data path.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 
@@ -34,8 +35,8 @@ class Worker:
         grads, loss = self._model.compute_gradients(*next(self._batches))
         return (loss, *self._router.pack(grads))
 
-    def run(self, steps: int, clock, *, max_inflight: int = 2, step_delay: float = 0.0) -> int:
-        """Async loop: pull -> compute -> push without a barrier, ``steps`` times.
+    def run(self, first: int, steps: int, clock, *, max_inflight: int = 2, step_delay: float = 0.0) -> int:
+        """Async loop: pull -> compute -> push without a barrier, for steps ``first .. steps - 1``.
 
         Before each step asks ``clock`` for permission (the SSP bound, if any)
         and reports each finished step with its loss. At most ``max_inflight``
@@ -44,7 +45,7 @@ class Worker:
         Returns the number of steps done.
         """
         inflight: deque = deque()
-        for step in range(steps):
+        for step in range(first, steps):
             ray.get(clock.wait_turn.remote(self.index, step))
             self._model.set_weights(self._router.pull())
             grads, loss = self._model.compute_gradients(*next(self._batches))
@@ -56,4 +57,8 @@ class Worker:
             clock.tick.remote(self.index, step + 1, loss)
         for handle in inflight:
             handle.wait()
-        return steps
+        return steps - first
+
+    def pid(self) -> int:
+        """This worker's process id (for monitoring and fault-injection tests)."""
+        return os.getpid()
