@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import print_table, write_rows
+
 PREFIX = "sps"
 SUBNET = "10.200.0"
 PORT = 6391
@@ -155,8 +157,24 @@ def main(argv=None) -> None:
     with EmulatedCluster(args.servers, server_mbit=args.server_mbit, client_mbit=args.client_mbit or None) as c:
         c.in_client([sys.executable, "-m", "benchmarks.ps_throughput", "--address", c.address, "--node-ip", _ip(0),
                      "--server-resources", json.dumps({"server": 0.01}), "--workloads", *args.workloads,
-                     "--optimizers", "sgd", "--clients", "1", "--shards", *map(str, shards),
+                     "--optimizers", "add", "--clients", "1", "--shards", *map(str, shards),
                      "--repeats", str(args.repeats), "--min-seconds", "0", "--out", str(args.out)])
+    rows = json.loads((args.out / "ps_throughput.json").read_text())
+    targets = speedups(rows, max(shards))
+    write_rows(args.out, "cluster_targets", targets)
+    print_table(targets, ["target", "value", "ok"])
+
+
+def speedups(rows: list[dict], shards: int) -> list[dict]:
+    """push+pull throughput at ``shards`` shards over 1 shard, per workload (target: >= 3x at 4)."""
+    out = []
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        mb_s = {r["shards"]: r["mb_s"] for r in rows
+                if r["workload"] == name and r["system"] == "shardps" and r["op"] == "push+pull"}
+        if 1 in mb_s and shards in mb_s:
+            ratio = mb_s[shards] / mb_s[1]
+            out.append({"target": f"{name} push+pull, {shards} shards vs 1 >= 3x", "value": ratio, "ok": ratio >= 3})
+    return out
 
 
 if __name__ == "__main__":

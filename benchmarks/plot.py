@@ -5,7 +5,7 @@ from pathlib import Path
 
 
 def plot_throughput(rows: list[dict], path: Path, *, op: str = "push+pull", title: str | None = None) -> None:
-    """Throughput vs shard count, one line per workload (SGD, one client); the baseline dashed."""
+    """Throughput vs shard count, one line per workload (push adds, one client); the baseline dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,7 +16,7 @@ def plot_throughput(rows: list[dict], path: Path, *, op: str = "push+pull", titl
     for i, name in enumerate(names):
         color = f"C{i}"
         mine = sorted((r["shards"], r["mb_s"]) for r in rows if r["workload"] == name and r["system"] == "shardps"
-                      and r["op"] == op and r["clients"] == 1 and r["optimizer"] == "sgd")
+                      and r["op"] == op and r["clients"] == 1 and r["optimizer"] == "add")
         if mine:
             ax.plot(*zip(*mine), "o-", color=color, label=f"{name} (shardps)")
         base = [r["mb_s"] for r in rows if r["workload"] == name and r["system"] == "baseline" and r["op"] == op
@@ -27,7 +27,7 @@ def plot_throughput(rows: list[dict], path: Path, *, op: str = "push+pull", titl
     ax.set_yscale("log")
     ax.set_xlabel("shards")
     ax.set_ylabel(f"{op} throughput (MB/s)")
-    ax.set_title(title or f"{op} throughput vs shard count (SGD, 1 client)")
+    ax.set_title(title or f"{op} throughput vs shard count (push adds, 1 client)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -1,15 +1,9 @@
 """shardps: a sharded parameter server on Ray.
 
-Importing shardps starts nothing: Ray starts in :func:`launch`, and
-TensorFlow is imported only by the training API (:func:`train`).
+Importing shardps starts nothing and imports neither Ray nor TensorFlow:
+Ray starts in :func:`launch`, TensorFlow loads with the training API.
 """
-from shardps.checkpoint import restore
-from shardps.cluster import launch
-from shardps.errors import ShardUnavailableError
-from shardps.optim import SGD, Adagrad, Adam, Momentum
-from shardps.partition import HashPartitioner
-from shardps.router import Handle, Router
-from shardps.shard import ParameterShard
+import importlib
 
 __all__ = [
     "launch", "restore", "Router", "Handle", "HashPartitioner", "ParameterShard",
@@ -17,12 +11,20 @@ __all__ = [
     "train", "TrainConfig", "History",
 ]
 
-_LAZY = {"train": "shardps.trainers", "TrainConfig": "shardps.config", "History": "shardps.trainers"}
+_HOME = {
+    "launch": "shardps.cluster", "restore": "shardps.checkpoint", "Router": "shardps.router",
+    "Handle": "shardps.router", "HashPartitioner": "shardps.partition", "ParameterShard": "shardps.shard",
+    "SGD": "shardps.optim", "Momentum": "shardps.optim", "Adam": "shardps.optim", "Adagrad": "shardps.optim",
+    "ShardUnavailableError": "shardps.errors", "train": "shardps.trainers", "TrainConfig": "shardps.config",
+    "History": "shardps.trainers",
+}
 
 
-def __getattr__(name):  # keeps `import shardps` free of TensorFlow
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+def __getattr__(name):
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
     raise AttributeError(f"module 'shardps' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -36,11 +36,10 @@ def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Pa
     Blocks until written. Keeps the newest ``keep`` checkpoints in ``path``.
     """
     from shardps.optim import optimizer_config
-    from shardps.router import gather
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    exports = gather([shard.export.remote() for shard in router.shards])
+    exports = router.call_each(lambda shard: shard.export.remote())
     layout = router.layout
     arrays, keys = {}, []
     for i, (name, spec) in enumerate(layout.keys.items()):

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
 
 from shardps.config import MODES, TrainConfig
@@ -121,12 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _protect_local_ray(args) -> None:
+    """Token authentication with a fresh random token for a local Ray, unless RAY_AUTH_MODE is set.
+
+    Ray's servers listen on every interface even for a local run, and Ray
+    reads these variables when it is imported: this runs before that.
+    """
+    local = getattr(args, "address", None) is None and "RAY_ADDRESS" not in os.environ
+    if local and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shardps`` console script; returns the exit status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local Ray; clusters: set it (README)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if "ray" not in sys.modules:
+        _protect_local_ray(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.run(args, args.parser)

@@ -19,7 +19,11 @@ SHARD_CPUS = 0.01  # shards mostly wait on messages; a whole CPU each would star
 
 
 def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
-    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray bound to 127.0.0.1.
+    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray.
+
+    Ray's servers listen on every interface even for a local run; its token
+    authentication (``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` in the
+    environment before Ray is imported) keeps others out. The CLI does that.
 
     Returns True when this call started (or connected) Ray, so the caller
     should ``ray.shutdown()`` at the end; False when Ray was already running.
@@ -33,8 +37,7 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
     else:
         num_cpus = num_cpus or os.cpu_count() or 1
         log.info("starting a local Ray with %d CPUs", num_cpus)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 configure_logging=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
     return True
 
 

@@ -45,7 +45,10 @@ class SGD:
         return ()
 
     def apply(self, param, grad, state, step) -> None:
-        param -= self.lr * grad
+        if self.lr == -1.0:
+            param += grad  # "push adds": bit-identical to the general rule, with no temporary
+        else:
+            param -= self.lr * grad
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from shardps.errors import ShardUnavailableError
 from shardps.partition import KeySpec, Layout
@@ -40,8 +40,29 @@ _NUMERIC_KINDS = "biuf"
 
 
 def _all_finite(arr: np.ndarray) -> bool:
-    """No NaN or Inf. A sum is finite only if every term is (one pass, no temporary); overflow: exact test."""
-    return bool(np.isfinite(np.sum(arr))) or bool(np.isfinite(arr).all())
+    """No NaN or Inf in ``arr``.
+
+    Large float32/64 arrays: ``x . x`` is finite only if every element is
+    (one BLAS pass, no temporary); if it overflows, the exact test decides.
+    """
+    if arr.size > 4096 and arr.dtype in (np.float32, np.float64):
+        flat = arr.reshape(-1)
+        with np.errstate(all="ignore"):
+            if np.isfinite(np.dot(flat, flat)):
+                return True
+    return bool(np.isfinite(arr).all())
+
+
+_JOIN_BYTES = 1 << 20  # below this a packing copy is cheaper than Ray's per-array overhead
+
+
+def _join(parts: list[np.ndarray]):
+    """The wire form of one shard's parts: one array (small: concatenated), or the parts themselves (large)."""
+    if len(parts) == 1:
+        return to_wire(parts[0])
+    if sum(p.nbytes for p in parts) >= _JOIN_BYTES and len(parts) <= 256:
+        return parts  # Ray copies each into the object store anyway: no packing copy
+    return to_wire(np.concatenate(parts))
 
 
 class Handle:
@@ -82,7 +103,7 @@ class Handle:
                     raise
                 for i, (shard, issue) in enumerate(self._calls):
                     if _failed(self._refs[i]):
-                        gather([shard.ping.remote()], _left(deadline))  # queued until the restart is done
+                        wait_alive(shard.ping, _left(deadline))
                         self._refs[i] = issue()
         self._result = self._finish(replies)
         self._done = True
@@ -107,6 +128,31 @@ def _failed(ref) -> bool:
     except Exception:  # still running, or an ordinary error: not a lost call
         return False
     return False
+
+
+RESTART_TIMEOUT_S = 120.0  # how long a restarting actor may take (process start + checkpoint load)
+
+
+def wait_alive(method, timeout: float | None = RESTART_TIMEOUT_S) -> None:
+    """Block until the actor behind ``method`` (e.g. ``shard.ping``) answers a call.
+
+    While Ray restarts an actor, calls to it fail at once with
+    ``ActorUnavailableError``; this retries every 0.2 s.
+
+    Raises:
+        ShardUnavailableError: the actor is dead for good, or not back within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + (RESTART_TIMEOUT_S if timeout is None else timeout)
+    while True:
+        try:
+            ray.get(method.remote(), timeout=_left(deadline))
+            return
+        except ActorUnavailableError as exc:
+            if time.monotonic() >= deadline:
+                raise ShardUnavailableError(f"actor not back within {timeout} s: {exc}") from exc
+            time.sleep(0.2)  # polling a restart in progress
+        except (RayActorError, GetTimeoutError) as exc:
+            raise ShardUnavailableError(f"actor is gone: {exc}") from exc
 
 
 def gather(refs: list, timeout: float | None = None) -> list:
@@ -186,12 +232,24 @@ class Router:
     def stats(self) -> list[dict]:
         """Per shard: keys, blocks, bytes, pushes, pulls, version, staleness. Blocks."""
         block = self._layout.partitioner.block_bytes
-        stats = gather([shard.stats.remote() for shard in self._shards], None)
+        stats = self.call_each(lambda shard: shard.stats.remote())
         for shard_stats, groups in zip(stats, self._layout.shard_segments):
             shard_stats["blocks"] = sum(
                 -(-seg.size * np.dtype(dt).itemsize // block) for dt, segs in groups.items() for seg in segs
             )
         return stats
+
+    def call_each(self, call: Callable, per_shard: list | None = None) -> list:
+        """``call(shard)`` (or ``call(shard, per_shard[i])``, skipping empty items) on every shard at once.
+
+        Blocks; re-sends to a shard that Ray restarted. Returns the answers in shard order.
+        """
+        if per_shard is None:
+            calls = [(shard, lambda shard=shard: call(shard)) for shard in self._shards]
+        else:
+            calls = [(shard, lambda shard=shard, item=item: call(shard, item))
+                     for shard, item in zip(self._shards, per_shard) if item]
+        return Handle(calls, list, retries=self._retries).wait()
 
     # ---- register ------------------------------------------------------
     def register(self, values: Mapping[str, np.ndarray]) -> None:
@@ -225,11 +283,8 @@ class Router:
                 keys.append(spec.name)
                 sizes.append(seg.size)
                 parts.append(arrays[spec.name][seg.start:seg.stop])
-        refs = [
-            shard.register.remote({dt: (k, s, to_wire(np.concatenate(p))) for dt, (k, s, p) in msg.items()})
-            for shard, msg in zip(self._shards, messages) if msg
-        ]
-        gather(refs, None)
+        self.call_each(lambda shard, msg: shard.register.remote(
+            {dt: (k, s, to_wire(np.concatenate(p))) for dt, (k, s, p) in msg.items()}), messages)
 
     def load_optimizer_state(self, state: Mapping[str, Mapping[str, np.ndarray]], steps: Mapping[str, int]) -> None:
         """Set every key's optimizer state (``{key: {slot: array}}``) and step count. Blocks.
@@ -241,16 +296,15 @@ class Router:
             spec = self.spec(key)
             if set(state[key]) != slots or any(np.shape(a) != spec.shape for a in state[key].values()):
                 raise ValueError(f"key {key!r}: optimizer state must have slots {sorted(slots)} of shape {spec.shape}")
-        refs = []
-        for shard, groups in zip(self._shards, self._layout.shard_segments):
+        messages = []
+        for groups in self._layout.shard_segments:
             message = {}
             for dt, segs in groups.items():
                 flat = {slot: np.concatenate([np.asarray(state[seg.key][slot], dt).reshape(-1)[seg.start:seg.stop]
                                               for seg in segs]) for slot in slots}
                 message[dt] = (flat, np.array([steps[seg.key] for seg in segs], np.int64))
-            if message:
-                refs.append(shard.load_state.remote(message))
-        gather(refs)
+            messages.append(message)
+        self.call_each(lambda shard, message: shard.load_state.remote(message), messages)
 
     def save(self, path, *, step: int = 0, keep: int = 2):
         """Checkpoint parameters and optimizer state under folder ``path``; see :mod:`shardps.checkpoint`.
@@ -304,10 +358,10 @@ class Router:
                 indexed.sort(key=lambda item: item[0])
                 everything = len(indexed) == len(self._layout.shard_segments[shard][dt])
                 ids = None if everything else np.array([i for i, _ in indexed], np.int64)
-                data = indexed[0][1] if len(indexed) == 1 else np.concatenate([p for _, p in indexed])
-                if not self._allow_nonfinite and not _all_finite(data):
+                parts = [p for _, p in indexed]
+                if not self._allow_nonfinite and not all(_all_finite(p) for p in parts):
                     self._name_nonfinite(flats)
-                msg[dt] = (ids, to_wire(data))
+                msg[dt] = (ids, _join(parts))
             messages.append(msg or None)
         return messages
 

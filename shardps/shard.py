@@ -35,9 +35,13 @@ _CHUNK = 64 * 1024  # elements per optimizer call: 256 KiB of float32, fits in L
 
 def _reconstructed() -> bool:
     """True inside an actor that Ray restarted after a crash."""
+    import warnings
+
     import ray
 
-    return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+    with warnings.catch_warnings():  # Ray 2.60 warns from inside its own implementation of this property
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
 
 
 class _Group:
@@ -185,14 +189,12 @@ class ParameterShard:
         client, seq, base_version = tag or (None, None, None)
         if client is not None and seq <= self._last_seq.get(client, -1):
             return self._version
-        plan = self._plan_push(messages)
-        for group, ids, grad in plan:
-            for run_ids, lo, hi, at in group.runs(ids, by_step=True):
-                step = int(group.steps[run_ids[0]])
+        for group, ids, pieces in self._plan_push(messages):
+            for lo, hi, grad, step in pieces:
                 for a in range(lo, hi, _CHUNK):  # cache-sized pieces: the update's temporaries stay in cache
                     b = min(a + _CHUNK, hi)
                     state = {name: buf[a:b] for name, buf in group.state.items()}
-                    self._optimizer.apply(group.params[a:b], grad[at + a - lo:at + b - lo], state, step)
+                    self._optimizer.apply(group.params[a:b], grad[a - lo:b - lo], state, step)
             group.steps[ids] += 1
         if client is not None:
             self._last_seq[client] = seq
@@ -203,7 +205,12 @@ class ParameterShard:
         return self._version
 
     def _plan_push(self, messages) -> list:
-        """Validate every message and average them: ``[(group, ids, grad)]``."""
+        """Validate every message and average them: ``[(group, ids, pieces)]``.
+
+        ``pieces``: ``(buffer start, buffer stop, gradient, optimizer step)``.
+        A message's data is one array for all its segments, or one array per
+        segment (large pushes: the router then skips its packing copy).
+        """
         if not messages:
             raise ValueError("push needs at least one message")
         plan = []
@@ -212,17 +219,30 @@ class ParameterShard:
             if group is None:
                 raise ValueError(f"shard {self.shard_id} holds no {dtype} parameters")
             ids = group.check_ids(ids)
-            expected = int(group.sizes[ids].sum())
-            parts = []
-            for msg in messages:
-                other_ids, data = msg.get(dtype, (None, None))
-                data = None if data is None else from_wire(data, group.dtype)
-                if data is None or data.size != expected or not np.array_equal(group.check_ids(other_ids), ids):
-                    raise ValueError(f"shard {self.shard_id}: push messages disagree for {dtype}")
-                parts.append(data)
-            grad = parts[0] if len(parts) == 1 else np.mean(parts, axis=0, dtype=group.dtype)
-            plan.append((group, ids, grad))
+            datas = [self._decode(group, ids, msg.get(dtype)) for msg in messages]
+            if len(datas) > 1:  # sync mode: average the workers' gradients
+                flat = [d[0] if len(d) == 1 else np.concatenate(d) for d in datas]
+                datas = [[np.mean(flat, axis=0, dtype=group.dtype)]]
+            data = datas[0]
+            if len(data) == 1:
+                pieces = [(lo, hi, data[0][at:at + hi - lo], int(group.steps[run[0]]))
+                          for run, lo, hi, at in group.runs(ids, by_step=True)]
+            else:
+                pieces = [(int(group.offsets[i]), int(group.offsets[i] + group.sizes[i]), part, int(group.steps[i]))
+                          for i, part in zip(ids, data)]
+            plan.append((group, ids, pieces))
         return plan
+
+    def _decode(self, group: _Group, ids: np.ndarray, entry) -> list[np.ndarray]:
+        """One message's data for ``ids`` as a list of 1-D arrays; raises ``ValueError`` if it does not fit."""
+        other_ids, data = entry if entry is not None else (None, None)
+        parts = [] if data is None else [from_wire(d, group.dtype) for d in (data if isinstance(data, list) else [data])]
+        sizes = group.sizes[ids]
+        fits = (len(parts) == 1 and parts[0].size == sizes.sum()) or \
+            (len(parts) == len(ids) and all(p.size == n for p, n in zip(parts, sizes)))
+        if not fits or not np.array_equal(group.check_ids(other_ids), ids):
+            raise ValueError(f"shard {self.shard_id}: push message does not match its {group.dtype} segments")
+        return parts
 
     def pull(self, request: dict | None = None) -> tuple[int, dict]:
         """Current values: ``(version, {dtype: data})``; ``None`` asks for everything."""

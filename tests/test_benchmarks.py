@@ -6,7 +6,7 @@ from benchmarks import ps_throughput, training_throughput
 
 def test_ps_throughput_smoke(ray_session, tmp_path):
     rows = ps_throughput.main(["--scale", "0.0005", "--shards", "1", "2", "--workloads", "tiny", "model10x100k",
-                               "--optimizers", "sgd", "--repeats", "1", "--min-seconds", "0", "--clients", "2",
+                               "--optimizers", "add", "--repeats", "1", "--min-seconds", "0", "--clients", "2",
                                "--client-pushes", "1", "--out", str(tmp_path)])
     systems = {(r["system"], r["shards"]) for r in rows}
     assert {("baseline", 1), ("shardps", 1), ("shardps", 2), ("floor", 1)} <= systems

@@ -29,6 +29,7 @@ def test_train_json_summary_end_to_end(tmp_path):
         [sys.executable, "-m", "shardps.cli", "train", "--model", "mlp", "--dataset", "digits", "--steps", "30",
          "--num-shards", "2", "--num-cpus", "2", "--eval-every", "10", "--json"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},  # the CLI's own default: token
     )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])

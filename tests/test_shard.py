@@ -80,3 +80,15 @@ def test_staleness_recorded_from_base_version():
     shard.push_mean((None, None, 0), msg)
     shard.push_mean((None, None, 2), msg)
     assert shard.stats()["staleness"] == {0: 2, 1: 1}
+
+
+def test_per_segment_parts_and_their_mean_apply_like_one_array():
+    shard, data = shard_with([3, 4])
+    one = {F32: (None, np.arange(7, dtype=np.float32))}
+    parts = {F32: (None, [np.arange(3, dtype=np.float32), np.arange(3, 7, dtype=np.float32)])}
+    shard.push_mean(None, parts)
+    np.testing.assert_array_equal(pulled(shard), data - np.arange(7))
+    shard.push_mean(None, one, parts)  # sync mode: mixed forms are averaged
+    np.testing.assert_array_equal(pulled(shard), data - 2 * np.arange(7))
+    with pytest.raises(ValueError):
+        shard.push_mean(None, {F32: (None, [np.ones(3, np.float32), np.ones(3, np.float32)])})

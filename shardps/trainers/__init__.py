@@ -61,7 +61,7 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
     with ps:
         if start >= steps:
             raise ValueError(f"the checkpoint in {config.checkpoint_dir} is at step {start}: nothing left of {steps} steps")
-        workers = _start_workers(ps, data, config)
+        workers, data_refs = _start_workers(ps, data, config)  # the refs must outlive any worker restart
         if on_start is not None:
             on_start(ps, workers)
         try:
@@ -114,17 +114,23 @@ def _open_store(config: TrainConfig, model):
     return ps, 0
 
 
-def _start_workers(ps, data: Dataset, config: TrainConfig) -> list:
-    """One Worker actor per part of the training data, spread over the cluster."""
+def _start_workers(ps, data: Dataset, config: TrainConfig) -> tuple[list, list]:
+    """One Worker actor per part of the training data, spread over the cluster.
+
+    Returns the workers and the object refs of their data: keep the refs
+    alive while the workers may restart (Ray re-runs ``__init__`` with them).
+    """
     total_cpus = ray.cluster_resources().get("CPU", 1.0)
     cpus = min(1.0, max(0.01, (total_cpus - 0.01 * ps.num_shards) / config.num_workers))  # all must fit
     actor = ray.remote(Worker).options(num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=config.max_restarts)
     parts = worker_split(len(data.x_train), config.num_workers, seed=config.seed)
-    return [
-        actor.remote(i, ps, config.model, data.input_shape, data.num_classes, data.x_train[idx],
-                     data.y_train[idx], config.batch_size, seed=config.seed)
-        for i, idx in enumerate(parts)
-    ]
+    workers, refs = [], []
+    for i, idx in enumerate(parts):
+        x, y = ray.put(data.x_train[idx]), ray.put(data.y_train[idx])
+        workers.append(actor.remote(i, ps, config.model, data.input_shape, data.num_classes, x, y,
+                                    config.batch_size, seed=config.seed))
+        refs += [x, y]
+    return workers, refs
 
 
 def _on_step(ps, model, data: Dataset, config: TrainConfig, history: History, progress: Progress | None):

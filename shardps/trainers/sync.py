@@ -8,7 +8,7 @@ import uuid
 from ray.exceptions import RayActorError, RayTaskError
 
 from shardps.errors import ShardUnavailableError
-from shardps.router import gather
+from shardps.router import gather, wait_alive
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ def run_sync(ps, workers: list, start: int, steps: int, on_step, config) -> None
                 if attempt >= config.max_restarts:
                     raise
                 log.warning("step %d failed (%s); retrying it", step, type(exc).__name__)
+                for actor_method in [shard.ping for shard in ps.shards] + [w.pid for w in workers]:
+                    wait_alive(actor_method)
         due = step % config.eval_every == 0 or step == steps
         on_step(step, losses, evaluate_now=due, total=steps)
         if due:
