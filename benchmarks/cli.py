@@ -7,6 +7,7 @@ _SCRIPTS = {
     "ps": ("benchmarks.ps_throughput", "parameter-server throughput vs shard count, with baseline and Ray floor"),
     "training": ("benchmarks.training_throughput", "training samples/s and time-to-accuracy per mode and shards"),
     "cluster": ("benchmarks.emulated_cluster", "the ps sweep on an emulated multi-host cluster (root)"),
+    "cpu": ("benchmarks.cpu_accounting", "CPU per push by process kind, for concurrent clients"),
 }
 
 

@@ -105,6 +105,9 @@ def _run_train(args, parser) -> int:
         print(f"{config.mode}: {summary['steps']} steps on {summary['dataset']} with {config.num_shards} shards, "
               f"{config.num_workers} workers: test accuracy {summary['final_accuracy']:.4f}, "
               f"{summary['wall_s']:.1f} s, {summary['samples_per_s']:.0f} samples/s{stale}")
+    for lost in summary["recoveries"]:  # a shard restarted from a checkpoint: later updates were lost
+        print(f"shard {lost['shard']} crashed and restarted from the checkpoint at step {lost['step']}: "
+              f"its updates after that step were lost", file=sys.stderr)
     return 0
 
 

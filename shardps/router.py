@@ -6,9 +6,10 @@ into one message, sends to all involved shards at once and gathers.
 
 Cost of one operation on a tensor split over S shards:
 - push: one validation pass (cast + finiteness), one packing copy per shard
-  (none when the shard's part is one slice), one copy into Ray's object store
-  per message; S remote calls in flight together; the shard reads the message
-  zero-copy and updates its buffer in place.
+  only when its part is several small keys (see :func:`shardps.wire.join`),
+  one copy into Ray's object store per message; S remote calls in flight
+  together; the shard reads the message zero-copy and updates its buffer in
+  place.
 - pull: S remote calls in flight together; the shard answers with its buffer
   (one copy into the object store, plus a gather copy when only some keys are
   asked for); the client reads the answers zero-copy: a key held whole by one
@@ -22,147 +23,17 @@ shards, with its own client id for exactly-once pushes. Only the Router that
 from __future__ import annotations
 
 import itertools
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 import numpy as np
-import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
-
-from shardps.errors import ShardUnavailableError
+from shardps.handle import Handle
 from shardps.partition import KeySpec, Layout
-from shardps.wire import from_wire, to_wire
+from shardps.wire import all_finite, from_wire, join, to_wire
 
 _NUMERIC_KINDS = "biuf"
-
-
-def _all_finite(arr: np.ndarray) -> bool:
-    """No NaN or Inf in ``arr``.
-
-    Large float32/64 arrays: ``x . x`` is finite only if every element is
-    (one BLAS pass, no temporary); if it overflows, the exact test decides.
-    """
-    if arr.size > 4096 and arr.dtype in (np.float32, np.float64):
-        flat = arr.reshape(-1)
-        with np.errstate(all="ignore"):
-            if np.isfinite(np.dot(flat, flat)):
-                return True
-    return bool(np.isfinite(arr).all())
-
-
-_JOIN_BYTES = 1 << 20  # below this a packing copy is cheaper than Ray's per-array overhead
-
-
-def _join(parts: list[np.ndarray]):
-    """The wire form of one shard's parts: one array (small: concatenated), or the parts themselves (large)."""
-    if len(parts) == 1:
-        return to_wire(parts[0])
-    if sum(p.nbytes for p in parts) >= _JOIN_BYTES and len(parts) <= 256:
-        return parts  # Ray copies each into the object store anyway: no packing copy
-    return to_wire(np.concatenate(parts))
-
-
-class Handle:
-    """A push or pull in flight. ``wait()`` is the one way to finish it.
-
-    Each call is kept as a function that (re)issues it, so when a shard dies
-    and Ray restarts it, ``wait()`` re-sends that shard's call with the same
-    (client, sequence number): the shard applies it at most once.
-    """
-
-    def __init__(self, calls: list[tuple[Any, Callable[[], Any]]], finish: Callable[[list], Any], *,
-                 retries: int = 0):
-        self._calls = calls  # (shard actor, issue the call -> ObjectRef)
-        self._refs = [issue() for _, issue in calls]
-        self._finish = finish
-        self._retries = retries
-        self._result = None
-        self._done = False
-
-    def wait(self, timeout: float | None = None):
-        """Block until every shard answered; return the operation's result.
-
-        Raises:
-            TimeoutError: not all shards answered within ``timeout`` seconds
-                (``None`` waits forever); the operation may still complete.
-            ShardUnavailableError: a shard died and did not come back (or
-                came back without its parameters).
-        """
-        if self._done:
-            return self._result
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for attempt in itertools.count():
-            try:
-                replies = gather(self._refs, _left(deadline))
-                break
-            except ShardUnavailableError:
-                if attempt >= self._retries:
-                    raise
-                for i, (shard, issue) in enumerate(self._calls):
-                    if _failed(self._refs[i]):
-                        wait_alive(shard.ping, _left(deadline))
-                        self._refs[i] = issue()
-        self._result = self._finish(replies)
-        self._done = True
-        return self._result
-
-    def done(self) -> bool:
-        """True when every shard has answered (``wait()`` will not block)."""
-        ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0)
-        return len(ready) == len(self._refs)
-
-
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _failed(ref) -> bool:
-    """True if ``ref``'s call failed because its actor died."""
-    try:
-        ray.get(ref, timeout=0)
-    except RayActorError:
-        return True
-    except Exception:  # still running, or an ordinary error: not a lost call
-        return False
-    return False
-
-
-RESTART_TIMEOUT_S = 120.0  # how long a restarting actor may take (process start + checkpoint load)
-
-
-def wait_alive(method, timeout: float | None = RESTART_TIMEOUT_S) -> None:
-    """Block until the actor behind ``method`` (e.g. ``shard.ping``) answers a call.
-
-    While Ray restarts an actor, calls to it fail at once with
-    ``ActorUnavailableError``; this retries every 0.2 s.
-
-    Raises:
-        ShardUnavailableError: the actor is dead for good, or not back within ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + (RESTART_TIMEOUT_S if timeout is None else timeout)
-    while True:
-        try:
-            ray.get(method.remote(), timeout=_left(deadline))
-            return
-        except ActorUnavailableError as exc:
-            if time.monotonic() >= deadline:
-                raise ShardUnavailableError(f"actor not back within {timeout} s: {exc}") from exc
-            time.sleep(0.2)  # polling a restart in progress
-        except (RayActorError, GetTimeoutError) as exc:
-            raise ShardUnavailableError(f"actor is gone: {exc}") from exc
-
-
-def gather(refs: list, timeout: float | None = None) -> list:
-    """`ray.get` with shardps errors: TimeoutError, ShardUnavailableError."""
-    try:
-        return ray.get(refs, timeout=timeout)
-    except GetTimeoutError as exc:
-        raise TimeoutError(f"shards did not answer within {timeout} s") from exc
-    except RayActorError as exc:
-        raise ShardUnavailableError(f"a parameter shard is unavailable: {exc}") from exc
 
 
 class Router:
@@ -359,9 +230,9 @@ class Router:
                 everything = len(indexed) == len(self._layout.shard_segments[shard][dt])
                 ids = None if everything else np.array([i for i, _ in indexed], np.int64)
                 parts = [p for _, p in indexed]
-                if not self._allow_nonfinite and not all(_all_finite(p) for p in parts):
+                if not self._allow_nonfinite and not all(all_finite(p) for p in parts):
                     self._name_nonfinite(flats)
-                msg[dt] = (ids, _join(parts))
+                msg[dt] = (ids, join(parts))
             messages.append(msg or None)
         return messages
 
@@ -387,11 +258,11 @@ class Router:
     def _name_nonfinite(self, flats: dict[str, np.ndarray]) -> None:
         """Raise ``ValueError`` naming the first key holding NaN or Inf."""
         for key, flat in flats.items():
-            if not _all_finite(flat):
+            if not all_finite(flat):
                 raise ValueError(f"key {key!r}: contains NaN or Inf (launch with allow_nonfinite=True to accept)")
 
     def _check_finite(self, key: str, arr: np.ndarray) -> None:
-        if not self._allow_nonfinite and not _all_finite(arr):
+        if not self._allow_nonfinite and not all_finite(arr):
             raise ValueError(f"key {key!r}: contains NaN or Inf (launch with allow_nonfinite=True to accept)")
 
     # ---- pull ----------------------------------------------------------

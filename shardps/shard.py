@@ -311,4 +311,8 @@ class ParameterShard:
         }
 
     def ping(self) -> None:
-        """Do nothing (Ray's round-trip floor in benchmarks)."""
+        """Do nothing (liveness checks; Ray's round-trip floor in benchmarks)."""
+
+    def ping_back(self, payload):
+        """Return ``payload`` (Ray's floor for a call that carries data both ways)."""
+        return payload

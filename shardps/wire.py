@@ -20,3 +20,29 @@ def to_wire(array: np.ndarray):
 def from_wire(data, dtype: np.dtype) -> np.ndarray:
     """The 1-D array ``to_wire`` sent (read-only when it came as bytes)."""
     return np.frombuffer(data, dtype) if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    """No NaN or Inf in ``arr``.
+
+    Large float32/64 arrays: ``x . x`` is finite only if every element is
+    (one BLAS pass, no temporary); if it overflows, the exact test decides.
+    """
+    if arr.size > 4096 and arr.dtype in (np.float32, np.float64):
+        flat = arr.reshape(-1)
+        with np.errstate(all="ignore"):
+            if np.isfinite(np.dot(flat, flat)):
+                return True
+    return bool(np.isfinite(arr).all())
+
+
+_JOIN_BYTES = 1 << 20  # below this a packing copy is cheaper than Ray's per-array overhead
+
+
+def join(parts: list[np.ndarray]):
+    """The wire form of one shard's parts: one array (small: concatenated), or the parts themselves (large)."""
+    if len(parts) == 1:
+        return to_wire(parts[0])
+    if sum(p.nbytes for p in parts) >= _JOIN_BYTES and len(parts) <= 256:
+        return parts  # Ray copies each into the object store anyway: no packing copy
+    return to_wire(np.concatenate(parts))

@@ -8,7 +8,7 @@ import uuid
 from ray.exceptions import RayActorError, RayTaskError
 
 from shardps.errors import ShardUnavailableError
-from shardps.router import gather, wait_alive
+from shardps.handle import gather, wait_alive
 
 log = logging.getLogger(__name__)
 

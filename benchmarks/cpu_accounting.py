@@ -1,0 +1,83 @@
+"""Where the CPU goes when 4 clients push concurrently: CPU-ms per push, by process kind.
+
+Explains the concurrent-clients result on a 2-core machine: when every
+process shares two cores, throughput is total CPU per push, not server
+parallelism. Reads utime+stime from /proc for every Ray process.
+
+    python -m benchmarks.cpu_accounting --shards 2 --clients 4
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import ray
+
+import shardps
+from benchmarks.baseline import BaselineServer
+from benchmarks.common import arrays, print_table, workloads
+from benchmarks.ps_throughput import _Client
+from shardps.cluster import start_ray
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_by_kind() -> dict[str, float]:
+    """CPU seconds so far of every process, summed by kind (its title: ray::Actor, raylet, ...)."""
+    out: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kind = title.split(".")[0] if title.startswith("ray::") else os.path.basename(title.split()[0] if title else "?")
+        if int(pid) == os.getpid():
+            kind = "driver"
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
+def measure(target, shapes, clients: int, pushes: int) -> tuple[float, dict]:
+    actors = [ray.remote(_Client).options(num_cpus=0.01).remote(target, shapes, i) for i in range(clients)]
+    ray.get([a.push.remote(1) for a in actors])
+    before, t0 = _cpu_by_kind(), time.perf_counter()
+    ray.get([a.push.remote(pushes) for a in actors])
+    wall, after = time.perf_counter() - t0, _cpu_by_kind()
+    for a in actors:
+        ray.kill(a)
+    n = clients * pushes
+    return wall, {k: 1000 * (after[k] - before.get(k, 0.0)) / n for k in after if after[k] - before.get(k, 0.0) > 0}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="shardps bench cpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--pushes", type=int, default=50)
+    p.add_argument("--workload", default="model10x100k")
+    args = p.parse_args(argv)
+    start_ray(num_cpus=os.cpu_count())
+    shapes = workloads()[args.workload]
+    values = arrays(shapes, scale=1e-3)
+    rows = []
+    server = ray.remote(BaselineServer).options(num_cpus=0.01).remote(list(values), list(values.values()))
+    wall, cpu = measure(server, shapes, args.clients, args.pushes)
+    rows.append({"system": "baseline", "wall_ms_per_push": 1000 * wall / (args.clients * args.pushes), **cpu})
+    with shardps.launch(args.shards, optimizer=shardps.SGD(lr=-1.0)) as ps:
+        ps.register(values)
+        wall, cpu = measure(ps, shapes, args.clients, args.pushes)
+        rows.append({"system": f"shardps {args.shards} shards", "wall_ms_per_push": 1000 * wall / (args.clients * args.pushes), **cpu})
+    for row in rows:
+        row["total_cpu_ms_per_push"] = sum(v for k, v in row.items() if k not in ("system", "wall_ms_per_push"))
+    kinds = sorted({k for r in rows for k in r} - {"system", "wall_ms_per_push", "total_cpu_ms_per_push"})
+    print_table(rows, ["system", "wall_ms_per_push", "total_cpu_ms_per_push", *kinds])
+    ray.shutdown()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
