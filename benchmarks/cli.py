@@ -8,6 +8,7 @@ _SCRIPTS = {
     "training": ("benchmarks.training_throughput", "training samples/s and time-to-accuracy per mode and shards"),
     "cluster": ("benchmarks.emulated_cluster", "the ps sweep on an emulated multi-host cluster (root)"),
     "cpu": ("benchmarks.cpu_accounting", "CPU per push by process kind, for concurrent clients"),
+    "profile": ("benchmarks.profile_push", "where one push spends its time, client and shard"),
 }
 
 
