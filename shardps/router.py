@@ -146,7 +146,8 @@ class Router:
                 raise ValueError(f"key {key!r}: array has no elements (shape {arr.shape})")
             self._check_finite(key, arr)
             arrays[key], shapes[key] = np.ascontiguousarray(arr).reshape(-1), arr.shape
-        specs = [self._layout.add(key, shapes[key], arrays[key].dtype) for key in sorted(arrays)]
+        # placed in the mapping's order: a checkpoint's key order rebuilds exactly this layout on a shard restart
+        specs = [self._layout.add(key, shapes[key], arrays[key].dtype) for key in arrays]
         messages: list[dict] = [defaultdict(lambda: ([], [], [])) for _ in self._shards]
         for spec in specs:
             for seg in spec.segments:

@@ -49,3 +49,14 @@ def test_asp_lets_fast_workers_run_ahead_of_a_slow_one(ray_session):
                          dataset="digits", eval_every=100)
     history = train(config, step_delays=SLOW)
     assert history.max_lead > 2  # without a bound the fast workers leave the slow one behind
+
+
+def test_resume_continues_from_checkpoint_with_another_shard_count(ray_session, tmp_path):
+    first = TrainConfig(mode="sync", num_shards=2, steps=20, model="mlp", dataset="digits", eval_every=10,
+                        checkpoint_dir=str(tmp_path), checkpoint_every=10)
+    done = train(first)
+    resumed = train(TrainConfig(mode="sync", num_shards=4, steps=30, model="mlp", dataset="digits", eval_every=10,
+                                checkpoint_dir=str(tmp_path), resume=True))
+    assert resumed.start_step == 20 and resumed.steps == 30
+    assert [p.step for p in resumed.points] == [30]  # only the remaining steps ran
+    assert resumed.final_accuracy >= done.final_accuracy - 0.05  # it did not start from scratch

@@ -97,8 +97,10 @@ def _open_store(config: TrainConfig, model):
             raise ValueError(f"checkpoint in {config.checkpoint_dir} holds {sorted(params)[:4]}..., "
                              f"not the weights of model {config.model!r}")
         log.warning("resuming from %s at step %d", checkpoint.latest(config.checkpoint_dir), manifest["step"])
-        return checkpoint.launch_from(manifest, params, state, num_shards=config.num_shards, **launch_kwargs), \
-            manifest["step"]
+        ps = checkpoint.launch_from(manifest, params, state, num_shards=config.num_shards, **launch_kwargs)
+        if manifest["num_shards"] != config.num_shards:  # a restarting shard needs a checkpoint of this layout
+            ps.save(config.checkpoint_dir, step=manifest["step"])
+        return ps, manifest["step"]
     if config.resume:
         log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
     lr = config.lr * config.num_workers if config.mode == "sync" and config.scale_lr else config.lr
