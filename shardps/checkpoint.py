@@ -78,7 +78,8 @@ def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Pa
         os.replace(latest_tmp, root / _LATEST)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in sorted(p for p in root.iterdir() if _NAME.match(p.name))[:-keep]:
+    others = sorted((p for p in root.iterdir() if _NAME.match(p.name) and p != final), key=lambda p: p.stat().st_mtime)
+    for old in others[:max(0, len(others) - (keep - 1))]:  # keep the newest, never the one just written
         shutil.rmtree(old, ignore_errors=True)
     return final
 

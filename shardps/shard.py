@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 _CHUNK = 64 * 1024  # elements per optimizer call: 256 KiB of float32, fits in L2 with its temporaries
 
 
+def _node_id() -> str | None:
+    """The Ray node this shard runs on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def _reconstructed() -> bool:
     """True inside an actor that Ray restarted after a crash."""
     import warnings
@@ -306,6 +313,7 @@ class ParameterShard:
             "version": self._version,
             "staleness": dict(self._staleness),
             "pid": os.getpid(),
+            "node": _node_id(),
             "restarted": self._restarted,
             "restored_step": self._restored_step,
         }

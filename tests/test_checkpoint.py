@@ -76,6 +76,9 @@ def test_keeps_only_the_newest_checkpoints(make_ps, tmp_path):
     for step in (1, 2, 3):
         ps.save(tmp_path, step=step, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")) == ["ckpt-00000002", "ckpt-00000003"]
+    newest = ps.save(tmp_path, step=0, keep=2)  # a new run reusing the folder: its save is never deleted
+    assert checkpoint.latest(tmp_path) == newest and newest.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")) == ["ckpt-00000000", "ckpt-00000003"]
 
 
 def _corrupt_truncated(folder):

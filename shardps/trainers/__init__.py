@@ -99,21 +99,29 @@ def _open_store(config: TrainConfig, model):
         log.warning("resuming from %s at step %d", checkpoint.latest(config.checkpoint_dir), manifest["step"])
         ps = checkpoint.launch_from(manifest, params, state, num_shards=config.num_shards, **launch_kwargs)
         if manifest["num_shards"] != config.num_shards:  # a restarting shard needs a checkpoint of this layout
-            ps.save(config.checkpoint_dir, step=manifest["step"])
+            _or_shutdown(ps, lambda: ps.save(config.checkpoint_dir, step=manifest["step"]))
         return ps, manifest["step"]
     if config.resume:
         log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
     lr = config.lr * config.num_workers if config.mode == "sync" and config.scale_lr else config.lr
     ps = launch(config.num_shards, optimizer=OPTIMIZERS[config.optimizer](lr=lr), block_bytes=config.block_bytes,
                 **launch_kwargs)
-    try:
+    def fill() -> None:
         ps.register(model.get_weights())
         if config.checkpoint_dir:
             ps.save(config.checkpoint_dir, step=0)  # so a shard that crashes early has something to reload
+
+    _or_shutdown(ps, fill)
+    return ps, 0
+
+
+def _or_shutdown(ps, action: Callable[[], None]) -> None:
+    """Run ``action``; if it raises, remove the shards before re-raising."""
+    try:
+        action()
     except BaseException:
         ps.shutdown()
         raise
-    return ps, 0
 
 
 def _start_workers(ps, data: Dataset, config: TrainConfig) -> tuple[list, list]:
