@@ -259,8 +259,7 @@ class Router:
     def _name_nonfinite(self, flats: dict[str, np.ndarray]) -> None:
         """Raise ``ValueError`` naming the first key holding NaN or Inf."""
         for key, flat in flats.items():
-            if not all_finite(flat):
-                raise ValueError(f"key {key!r}: contains NaN or Inf (launch with allow_nonfinite=True to accept)")
+            self._check_finite(key, flat)
 
     def _check_finite(self, key: str, arr: np.ndarray) -> None:
         if not self._allow_nonfinite and not all_finite(arr):
