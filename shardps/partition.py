@@ -130,6 +130,25 @@ class Layout:
         self.keys[name] = spec
         return spec
 
+    def state_message(self, shard: int, params: dict | None, state: dict, steps: dict) -> dict:
+        """What one shard holds of whole tensors, in its buffer order.
+
+        Returns ``{dtype: (keys, sizes, params or None, {slot: state}, steps per segment)}`` cut
+        from ``params`` (key -> array), ``state`` (key -> {slot: array}) and ``steps`` (key -> int).
+        """
+        def cut(segs, dtype, array_of):
+            return np.concatenate([np.asarray(array_of(seg.key), dtype).reshape(-1)[seg.start:seg.stop]
+                                   for seg in segs])
+
+        out = {}
+        for dtype, segs in self.shard_segments[shard].items():
+            slots = state[segs[0].key].keys()
+            out[dtype] = ([seg.key for seg in segs], [seg.size for seg in segs],
+                          None if params is None else cut(segs, dtype, params.__getitem__),
+                          {slot: cut(segs, dtype, lambda key, slot=slot: state[key][slot]) for slot in slots},
+                          np.array([steps[seg.key] for seg in segs], np.int64))
+        return out
+
     def shard_bytes(self) -> list[int]:
         """Bytes of parameters held by each shard."""
         return [

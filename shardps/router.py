@@ -168,14 +168,9 @@ class Router:
             spec = self.spec(key)
             if set(state[key]) != slots or any(np.shape(a) != spec.shape for a in state[key].values()):
                 raise ValueError(f"key {key!r}: optimizer state must have slots {sorted(slots)} of shape {spec.shape}")
-        messages = []
-        for groups in self._layout.shard_segments:
-            message = {}
-            for dt, segs in groups.items():
-                flat = {slot: np.concatenate([np.asarray(state[seg.key][slot], dt).reshape(-1)[seg.start:seg.stop]
-                                              for seg in segs]) for slot in slots}
-                message[dt] = (flat, np.array([steps[seg.key] for seg in segs], np.int64))
-            messages.append(message)
+        messages = [{dt: (slot_data, seg_steps) for dt, (_, _, _, slot_data, seg_steps)
+                     in self._layout.state_message(shard, None, state, steps).items()}
+                    for shard in range(self.num_shards)]
         self.call_each(lambda shard, message: shard.load_state.remote(message), messages)
 
     def save(self, path, *, step: int = 0, keep: int = 2):

@@ -139,22 +139,14 @@ class ParameterShard:
             log.error("shard %d restarted but the checkpoint has another layout", self.shard_id)
             return
         layout = Layout(HashPartitioner(num_shards, block_bytes=block_bytes))
-        steps = {}
         for key in manifest["keys"]:
             layout.add(key["name"], tuple(key["shape"]), np.dtype(key["dtype"]))
-            steps[key["name"]] = key["step"]
-        for dtype, segs in layout.shard_segments[self.shard_id].items():
-            group = self._groups.setdefault(dtype, _Group(np.dtype(dtype), self._optimizer.slots()))
-            group.append([seg.size for seg in segs],
-                         np.concatenate([params[seg.key].reshape(-1)[seg.start:seg.stop] for seg in segs]))
-            for slot in group.state:
-                group.state[slot][:] = np.concatenate(
-                    [state[seg.key][slot].reshape(-1)[seg.start:seg.stop] for seg in segs])
-            group.steps[:] = [steps[seg.key] for seg in segs]
-            self._num_keys += len(segs)
-        mine = manifest.get("shards", [{}] * num_shards)[self.shard_id]
-        self._version = mine.get("version", 0)
-        self._last_seq = dict(mine.get("last_seq", {}))
+        mine = layout.state_message(self.shard_id, params, state, {k["name"]: k["step"] for k in manifest["keys"]})
+        self.register({dt: (keys, sizes, data) for dt, (keys, sizes, data, _, _) in mine.items()})
+        self.load_state({dt: (slot_data, steps) for dt, (_, _, _, slot_data, steps) in mine.items()})
+        meta = manifest.get("shards", [{}] * num_shards)[self.shard_id]
+        self._version = meta.get("version", 0)
+        self._last_seq = dict(meta.get("last_seq", {}))
         self._restored_step = manifest["step"]
         log.warning("shard %d restarted from the checkpoint at step %d", self.shard_id, self._restored_step)
 
