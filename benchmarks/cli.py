@@ -9,6 +9,7 @@ _SCRIPTS = {
     "cluster": ("benchmarks.emulated_cluster", "the ps sweep on an emulated multi-host cluster (root)"),
     "cpu": ("benchmarks.cpu_accounting", "CPU per push by process kind, for concurrent clients"),
     "profile": ("benchmarks.profile_push", "where one push spends its time, client and shard"),
+    "replication": ("benchmarks.replication", "push/pull cost of replicas=2 vs none"),
 }
 
 

@@ -47,7 +47,7 @@ def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Pa
         slots = {}
         seg_step = 0
         for seg in spec.segments:
-            params, state, steps = exports[seg.shard][0][spec.dtype.str]
+            _, _, params, state, steps = exports[seg.shard][0][spec.dtype.str]
             flat[seg.start:seg.stop] = params[seg.offset:seg.offset + seg.size]
             for slot, buf in state.items():
                 slots.setdefault(slot, np.empty(spec.size, spec.dtype))[seg.start:seg.stop] = \

@@ -46,6 +46,10 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", help="save checkpoints here (at the end, and every --checkpoint-every steps)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--replicas", type=int, choices=(1, 2), default=d.replicas,
+                   help="2: mirror every shard on a replica actor; a crashed shard then loses nothing")
+    p.add_argument("--max-restarts", type=int, default=d.max_restarts,
+                   help="restarts per crashed worker or shard (shards: with --checkpoint-dir or --replicas 2)")
     p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     p.set_defaults(run=_run_train, parser=p)
     return p
@@ -105,9 +109,12 @@ def _run_train(args, parser) -> int:
         print(f"{config.mode}: {summary['steps']} steps on {summary['dataset']} with {config.num_shards} shards, "
               f"{config.num_workers} workers: test accuracy {summary['final_accuracy']:.4f}, "
               f"{summary['wall_s']:.1f} s, {summary['samples_per_s']:.0f} samples/s{stale}")
-    for lost in summary["recoveries"]:  # a shard restarted from a checkpoint: later updates were lost
-        print(f"shard {lost['shard']} crashed and restarted from the checkpoint at step {lost['step']}: "
-              f"its updates after that step were lost", file=sys.stderr)
+    for rec in summary["recoveries"]:
+        if rec["from"] == "replica":
+            print(f"shard {rec['shard']} crashed and restarted from its replica: nothing was lost", file=sys.stderr)
+        else:
+            print(f"shard {rec['shard']} crashed and restarted from the checkpoint at step {rec['step']}: "
+                  f"its updates after that step were lost", file=sys.stderr)
     return 0
 
 

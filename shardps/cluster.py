@@ -44,7 +44,7 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
 def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
            block_bytes: int = DEFAULT_BLOCK_BYTES, allow_nonfinite: bool = False,
            num_cpus: int | None = None, shard_resources: dict | None = None,
-           max_restarts: int = 0, checkpoint_dir: str | None = None,
+           max_restarts: int | None = None, checkpoint_dir: str | None = None, replicas: int = 1,
            timeout: float | None = 120.0) -> Router:
     """Start ``num_shards`` parameter shards and return the Router that owns them.
 
@@ -65,10 +65,15 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
         shard_resources: extra Ray resources each shard needs, e.g.
             ``{"ps_server": 0.01}`` to keep shards on nodes that offer it.
         max_restarts: how often Ray may restart a crashed shard (and the
-            router re-send its call). A restarted shard reloads its part of
-            the latest checkpoint in ``checkpoint_dir``; what was pushed
-            after that checkpoint is lost.
+            router re-send its call). A restarted shard copies its replica
+            (nothing lost), else reloads its part of the latest checkpoint in
+            ``checkpoint_dir`` (what was pushed after it is lost). Default:
+            3 with ``replicas=2``, else 0.
         checkpoint_dir: where ``save()`` writes checkpoints, for restarts.
+        replicas: 2 mirrors every shard on a replica actor, on another node
+            where the cluster has one: each change is applied on both before
+            it is acknowledged (a push costs a second round trip), so no
+            acknowledged push is lost when one of the two dies.
         timeout: seconds to wait for the shards to be placed (None: forever).
 
     Raises:
@@ -83,17 +88,23 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
         array([-0.1, -0.1, -0.1], dtype=float32)
     """
     partitioner = HashPartitioner(num_shards, block_bytes=block_bytes)  # validates both
+    if replicas not in (1, 2) or isinstance(replicas, bool):
+        raise ValueError(f"Argument `replicas` must be 1 or 2. Received: {replicas!r}")
+    if max_restarts is None:
+        max_restarts = 3 if replicas == 2 else 0
     if not isinstance(max_restarts, int) or max_restarts < 0:
         raise ValueError(f"Argument `max_restarts` must be an integer >= 0. Received: {max_restarts!r}")
+    if replicas == 2 and max_restarts == 0:
+        raise ValueError("Argument `replicas=2` needs `max_restarts` >= 1: a shard is recovered by restarting it")
     optimizer = SGD(lr=0.01) if optimizer is None else optimizer
     if not hasattr(optimizer, "apply"):
         raise ValueError(f"Argument `optimizer` must be one of shardps.SGD/Momentum/Adam/Adagrad. Received: {optimizer!r}")
     started = start_ray(address, num_cpus=num_cpus)
-    group, shards = None, []
+    group, shards, copies = None, [], []
 
     def release() -> None:
-        for shard in shards:
-            ray.kill(shard)
+        for actor in shards + copies:
+            ray.kill(actor)
         if group is not None:
             remove_placement_group(group)
         if started:
@@ -101,21 +112,52 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
 
     try:
         bundle = {"CPU": SHARD_CPUS, **(shard_resources or {})}
-        group = placement_group([bundle] * num_shards, strategy="SPREAD")
+        group = placement_group([bundle] * num_shards * replicas, strategy="SPREAD")
         if not group.wait(timeout_seconds=timeout if timeout is not None else 10**9):
-            raise TimeoutError(f"could not place {num_shards} shards within {timeout} s: "
+            raise TimeoutError(f"could not place {num_shards * replicas} shard actors within {timeout} s: "
                                f"cluster resources are {ray.cluster_resources()}")
+        nodes = ray.util.placement_group_table(group)["bundles_to_node_id"]
+        primary_bundles, replica_bundles = pair_bundles([nodes[i] for i in range(len(nodes))], num_shards, replicas)
         actor = ray.remote(ParameterShard)
         recovery = {"checkpoint_dir": None if checkpoint_dir is None else os.path.abspath(checkpoint_dir),
                     "num_shards": num_shards, "block_bytes": block_bytes}
-        for i in range(num_shards):
-            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
-            options = {"num_cpus": SHARD_CPUS, "resources": shard_resources or {}, "scheduling_strategy": strategy,
-                       "max_restarts": max_restarts}
-            shards.append(actor.options(**options).remote(i, optimizer, recovery=recovery))
-        ray.get([shard.ping.remote() for shard in shards], timeout=timeout)
+
+        def options(bundle_index: int) -> dict:
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle_index)
+            return {"num_cpus": SHARD_CPUS, "resources": shard_resources or {}, "scheduling_strategy": strategy,
+                    "max_restarts": max_restarts}
+
+        for i, bundle_index in enumerate(replica_bundles):
+            copies.append(actor.options(**options(bundle_index)).remote(i, optimizer, is_replica=True))
+        for i, bundle_index in enumerate(primary_bundles):
+            replica = copies[i] if copies else None
+            shards.append(actor.options(**options(bundle_index)).remote(i, optimizer, recovery=recovery,
+                                                                         replica=replica))
+        ray.get([shard.ping.remote() for shard in shards + copies], timeout=timeout)
     except BaseException:
         release()
         raise
     return Router(shards, Layout(partitioner), optimizer=optimizer, allow_nonfinite=allow_nonfinite,
-                  retries=max_restarts, on_shutdown=release)
+                  retries=max_restarts, replicas=copies or None, on_shutdown=release)
+
+
+def pair_bundles(nodes: list[str], num_shards: int, replicas: int) -> tuple[list[int], list[int]]:
+    """Placement-group bundle indices for the shards and their replicas (empty when ``replicas == 1``).
+
+    ``nodes[i]`` is the node of bundle i. Shards take the bundles in order
+    (SPREAD already put them on as many nodes as it could); each replica
+    takes a free bundle on another node than its shard's where one is left.
+    """
+    shards = list(range(num_shards))
+    if replicas == 1:
+        return shards, []
+    free = list(range(num_shards, len(nodes)))
+    chosen = []
+    for shard in shards:
+        elsewhere = [b for b in free if nodes[b] != nodes[shard]]
+        pick = (elsewhere or free)[0]
+        if not elsewhere and len(set(nodes)) > 1:
+            log.warning("the replica of shard %d shares its node: losing that node loses both", shard)
+        free.remove(pick)
+        chosen.append(pick)
+    return shards, chosen

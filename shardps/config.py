@@ -43,7 +43,8 @@ class TrainConfig:
     checkpoint_dir: str | None = None  # where checkpoints go; None: no checkpoints
     checkpoint_every: int | None = None  # steps between checkpoints; None: only at the end
     resume: bool = False  # start from the latest checkpoint in checkpoint_dir, if any
-    max_restarts: int = 3  # per worker (and per shard, with checkpoint_dir) before the run fails
+    max_restarts: int = 3  # per worker (and per shard, with checkpoint_dir or replicas) before the run fails
+    replicas: int = 1  # 2: every shard mirrored on a replica actor, so a shard crash loses nothing
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -62,6 +63,10 @@ class TrainConfig:
             raise ValueError(f"Argument `lr` must be a positive number. Received: {self.lr!r}")
         if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise ValueError(f"Argument `max_restarts` must be an integer >= 0. Received: {self.max_restarts!r}")
+        if self.replicas not in (1, 2) or isinstance(self.replicas, bool):
+            raise ValueError(f"Argument `replicas` must be 1 or 2. Received: {self.replicas!r}")
+        if self.replicas == 2 and self.max_restarts == 0:
+            raise ValueError("Argument `replicas=2` needs `max_restarts` >= 1: a shard is recovered by restarting it")
         if self.checkpoint_every is not None:
             _positive_int("checkpoint_every", self.checkpoint_every)
         if (self.checkpoint_every is not None or self.resume) and not self.checkpoint_dir:

@@ -44,8 +44,9 @@ class Router:
     """
 
     def __init__(self, shards: list, layout: Layout, *, optimizer=None, allow_nonfinite: bool = False,
-                 retries: int = 0, on_shutdown: Callable[[], None] | None = None):
+                 retries: int = 0, replicas: list | None = None, on_shutdown: Callable[[], None] | None = None):
         self._shards = list(shards)
+        self._replicas = None if replicas is None else list(replicas)
         self._retries = retries  # re-sends per call when a shard restarts
         self.optimizer = optimizer
         self._layout = layout
@@ -79,6 +80,11 @@ class Router:
     def shards(self) -> list:
         """The shard actor handles, in shard order."""
         return list(self._shards)
+
+    @property
+    def replicas(self) -> list | None:
+        """The replica actor of each shard (``launch(replicas=2)``), else None. Only shards talk to them."""
+        return None if self._replicas is None else list(self._replicas)
 
     @property
     def layout(self) -> Layout:

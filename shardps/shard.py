@@ -56,13 +56,15 @@ class _Group:
 
     def __init__(self, dtype: np.dtype, slots: tuple[str, ...]):
         self.dtype = np.dtype(dtype)
+        self.keys: list[str] = []  # one segment per key, in buffer order
         self.params = np.empty(0, self.dtype)
         self.state = {name: np.empty(0, self.dtype) for name in slots}
         self.offsets = np.empty(0, np.int64)
         self.sizes = np.empty(0, np.int64)
         self.steps = np.empty(0, np.int64)  # updates applied per segment (Adam's t)
 
-    def append(self, sizes: list[int], data: np.ndarray) -> None:
+    def append(self, keys: list[str], sizes: list[int], data: np.ndarray) -> None:
+        self.keys += keys
         sizes = np.asarray(sizes, np.int64)
         self.offsets = np.concatenate([self.offsets, len(self.params) + np.cumsum(sizes) - sizes])
         self.sizes = np.concatenate([self.sizes, sizes])
@@ -105,13 +107,23 @@ class ParameterShard:
         optimizer: an optimizer from :mod:`shardps.optim`.
         recovery: ``{"checkpoint_dir", "num_shards", "block_bytes"}``. When
             Ray restarts this actor after a crash (re-running ``__init__``),
-            the shard reloads its own part of the latest checkpoint there;
-            updates applied after that checkpoint are lost. Without a usable
-            checkpoint it comes back empty and every call raises
-            :class:`ShardUnavailableError`.
+            the shard copies the state of its replica if it has one, else
+            reloads its own part of the latest checkpoint (updates applied
+            after that checkpoint are lost). With neither it comes back
+            empty and every call raises :class:`ShardUnavailableError`.
+        replica: a ``ParameterShard`` actor that mirrors this one. Every
+            change (register, push, optimizer state) is applied here, then
+            on the replica, and only then acknowledged, in the same order;
+            so an acknowledged push survives the death of either of them.
+            A replica that died and restarted is sent this shard's whole
+            state; one that is gone for good is dropped (logged, and
+            ``stats()["replica"]`` says ``"lost"``).
+        is_replica: this actor is another shard's replica. Restarted by Ray,
+            it refuses everything until its shard sends it the state.
     """
 
-    def __init__(self, shard_id: int, optimizer, *, recovery: dict | None = None):
+    def __init__(self, shard_id: int, optimizer, *, recovery: dict | None = None, replica=None,
+                 is_replica: bool = False):
         self.shard_id = shard_id
         self._optimizer = optimizer
         self._groups: dict[str, _Group] = {}
@@ -121,10 +133,32 @@ class ParameterShard:
         self._pushes = 0
         self._pulls = 0
         self._staleness: Counter[int] = Counter()  # staleness -> pushes, when the client says
+        self._replica = replica
+        self._replica_state = None if replica is None else "ok"
+        self._resyncs = 0  # whole-state copies sent to a restarted replica
+        self._replica_in_sync = True  # False: the next change sends the replica everything
+        self._blank = is_replica and _reconstructed()  # a restarted replica, waiting for adopt()
         self._restarted = recovery is not None and _reconstructed()
         self._restored_step: int | None = None
-        if self._restarted:
+        self._restored_from: str | None = None
+        if self._restarted and not self._copy_replica():
             self._recover(**recovery)
+
+    def _copy_replica(self) -> bool:
+        """After a restart: take the replica's state (every acknowledged push). False if it has none."""
+        if self._replica is None:
+            return False
+        import ray
+        from ray.exceptions import RayError
+
+        try:
+            self._load(*ray.get(self._replica.export.remote()))
+        except RayError as exc:  # the replica died too, or restarted blank
+            log.error("shard %d restarted and its replica has no state (%s)", self.shard_id, type(exc).__name__)
+            return False
+        self._restored_from = "replica"
+        log.warning("shard %d restarted from its replica: nothing was lost", self.shard_id)
+        return True
 
     def _recover(self, checkpoint_dir: str | None, num_shards: int, block_bytes: int) -> None:
         """Reload this shard's segments, optimizer state and dedupe table from the latest checkpoint."""
@@ -142,29 +176,56 @@ class ParameterShard:
         for key in manifest["keys"]:
             layout.add(key["name"], tuple(key["shape"]), np.dtype(key["dtype"]))
         mine = layout.state_message(self.shard_id, params, state, {k["name"]: k["step"] for k in manifest["keys"]})
-        self.register({dt: (keys, sizes, data) for dt, (keys, sizes, data, _, _) in mine.items()})
-        self.load_state({dt: (slot_data, steps) for dt, (_, _, _, slot_data, steps) in mine.items()})
         meta = manifest.get("shards", [{}] * num_shards)[self.shard_id]
-        self._version = meta.get("version", 0)
-        self._last_seq = dict(meta.get("last_seq", {}))
+        self._load(mine, {"version": meta.get("version", 0), "last_seq": meta.get("last_seq", {})})
         self._restored_step = manifest["step"]
+        self._restored_from = "checkpoint"
+        self._replica_in_sync = False  # the replica (if any) has other state: the next change sends it this
         log.warning("shard %d restarted from the checkpoint at step %d", self.shard_id, self._restored_step)
 
+
     def _check_alive(self) -> None:
-        if self._restarted and self._restored_step is None:
-            raise ShardUnavailableError(f"shard {self.shard_id} restarted without a usable checkpoint: "
+        if self._restarted and self._restored_from is None:
+            raise ShardUnavailableError(f"shard {self.shard_id} restarted without a usable checkpoint or replica: "
                                         "its parameters are lost")
+        if self._blank:
+            raise ShardUnavailableError(f"replica of shard {self.shard_id} restarted and has no state yet")
+
+    def _load(self, groups: dict, meta: dict) -> None:
+        """Replace everything held by ``groups`` (as :meth:`export` gives them) and ``meta``."""
+        self._groups, self._num_keys = {}, 0
+        self._register({dt: (keys, sizes, data) for dt, (keys, sizes, data, _, _) in groups.items()})
+        self._load_state({dt: (state, steps) for dt, (_, _, _, state, steps) in groups.items()})
+        self._version = int(meta["version"])
+        self._last_seq = dict(meta["last_seq"])
 
     def register(self, message: dict) -> None:
-        """Append new segments: ``{dtype: (keys, sizes, data)}``. Raises ``ValueError``."""
+        """Append new segments: ``{dtype: (keys, sizes, data)}``. Raises ``ValueError``.
+
+        Idempotent: a message whose keys this shard already holds (a call
+        re-sent after a restart from the replica) changes nothing.
+        """
+        self._check_alive()
+        if self._register(message):
+            self._mirror("register", message)
+
+    def _register(self, message: dict) -> bool:
+        """:meth:`register` without the checks and mirroring; False if nothing was new."""
+        held = {key for group in self._groups.values() for key in group.keys}
+        names = [key for keys, _, _ in message.values() for key in keys]
+        if names and held.issuperset(names):
+            return False
+        if held.intersection(names):
+            raise ValueError(f"shard {self.shard_id}: keys {sorted(held.intersection(names))[:5]} already registered")
         arrays = {dtype: from_wire(data, np.dtype(dtype)) for dtype, (_, _, data) in message.items()}
         for dtype, (keys, sizes, _) in message.items():
-            if int(np.sum(sizes)) != arrays[dtype].size:
+            if len(keys) != len(sizes) or int(np.sum(sizes)) != arrays[dtype].size:
                 raise ValueError(f"shard {self.shard_id}: register sizes do not match data for {keys}")
         for dtype, (keys, sizes, _) in message.items():
             group = self._groups.setdefault(dtype, _Group(np.dtype(dtype), self._optimizer.slots()))
-            group.append(sizes, arrays[dtype])
+            group.append(list(keys), sizes, arrays[dtype])
             self._num_keys += len(keys)
+        return True
 
     def push(self, packet: tuple) -> int:
         """Apply one push: ``packet = (tag, message)``; see :meth:`push_mean`.
@@ -201,6 +262,7 @@ class ParameterShard:
             self._staleness[max(0, self._version - base_version)] += 1  # < 0 only after a restore
         self._version += 1
         self._pushes += 1
+        self._mirror("push_mean", tag, *messages)
         return self._version
 
     def _plan_push(self, messages) -> list:
@@ -268,20 +330,72 @@ class ParameterShard:
         return self.pull(request) if request is not None else (self._version, {})
 
     def export(self) -> tuple[dict, dict]:
-        """Everything this shard holds: ``({dtype: (params, {slot: state}, steps per segment)}, meta)``.
+        """Everything this shard holds: ``({dtype: (keys, sizes, params, {slot: state}, steps)}, meta)``.
 
-        ``meta`` is ``{"version", "last_seq"}``, so a restarted shard keeps
-        skipping pushes it had already applied.
+        One entry per segment in ``keys``, ``sizes`` and ``steps`` (the
+        format of :meth:`Layout.state_message`). ``meta`` is ``{"version",
+        "last_seq"}``, so a restarted shard keeps skipping pushes it had
+        already applied.
         """
         self._check_alive()
-        groups = {dt: (g.params, g.state, g.steps) for dt, g in self._groups.items()}
+        groups = {dt: (list(g.keys), g.sizes, g.params, g.state, g.steps) for dt, g in self._groups.items()}
         return groups, {"version": self._version, "last_seq": dict(self._last_seq)}
+
+    # ---- replication ---------------------------------------------------
+    _MIRRORED = ("register", "push_mean", "load_state")
+
+    def replicate(self, method: str, args: tuple) -> bool:
+        """On a replica: apply a change its shard just made. False if this replica restarted and needs :meth:`adopt`."""
+        if method not in self._MIRRORED:
+            raise ValueError(f"cannot replicate {method!r}")
+        if self._blank:
+            return False
+        getattr(self, method)(*args)
+        return True
+
+    def adopt(self, groups: dict, meta: dict) -> None:
+        """On a replica: replace everything with its shard's :meth:`export`."""
+        self._blank = False
+        self._load(groups, meta)
+
+    def _mirror(self, method: str, *args) -> None:
+        """Apply the change just made here on the replica too; blocks until it has.
+
+        A replica that fails or restarted blank gets this shard's whole
+        state instead; one that does not come back is dropped (logged).
+        """
+        if self._replica is None:
+            return
+        import ray
+        from ray.exceptions import RayError
+
+        from shardps.handle import wait_alive
+
+        try:
+            if self._replica_in_sync and ray.get(self._replica.replicate.remote(method, args)):
+                return
+        except RayError as exc:
+            log.warning("replica of shard %d failed (%s): sending it the whole state", self.shard_id,
+                        type(exc).__name__)
+        try:
+            wait_alive(self._replica.ping)
+            ray.get(self._replica.adopt.remote(*self.export()))
+            self._resyncs += 1
+            self._replica_in_sync = True
+        except (RayError, ShardUnavailableError) as exc:
+            log.error("shard %d lost its replica for good (%s): running without one", self.shard_id, exc)
+            self._replica, self._replica_state = None, "lost"
 
     def load_state(self, message: dict) -> None:
         """Replace optimizer state: ``{dtype: ({slot: data}, steps per segment)}``.
 
         Raises ``ValueError`` (before changing anything) when a dtype, slot or size does not match.
         """
+        self._check_alive()
+        self._load_state(message)
+        self._mirror("load_state", message)
+
+    def _load_state(self, message: dict) -> None:
         for dtype, (state, steps) in message.items():
             group = self._groups.get(dtype)
             if group is None or set(state) != set(group.state) or len(steps) != len(group.steps) \
@@ -294,7 +408,12 @@ class ParameterShard:
             group.steps[:] = steps
 
     def stats(self) -> dict:
-        """Counters: keys, segments, bytes, pushes, pulls, version, staleness."""
+        """Counters: keys, segments, bytes, pushes, pulls, version, staleness; where it runs; recoveries.
+
+        ``restored_from``: ``"replica"`` (nothing lost) or ``"checkpoint"``
+        (pushes after ``restored_step`` lost) after a restart. ``replica``:
+        ``"ok"``, ``"lost"`` or None (no replica).
+        """
         return {
             "shard": self.shard_id,
             "keys": self._num_keys,
@@ -307,7 +426,10 @@ class ParameterShard:
             "pid": os.getpid(),
             "node": _node_id(),
             "restarted": self._restarted,
+            "restored_from": self._restored_from,
             "restored_step": self._restored_step,
+            "replica": self._replica_state,
+            "resyncs": self._resyncs,
         }
 
     def ping(self) -> None:

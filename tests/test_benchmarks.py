@@ -25,3 +25,12 @@ def test_training_throughput_smoke(ray_session, tmp_path):
     assert {r["mode"] for r in rows} == {"single-process", "sync", "async"}
     assert all(r["samples_per_s"] > 0 for r in rows)
     assert (tmp_path / "training_throughput.csv").stat().st_size > 0
+
+
+def test_replication_smoke(ray_session, tmp_path):
+    from benchmarks import replication
+
+    rows = replication.main(["--workloads", "tiny", "--rounds", "1", "--out", str(tmp_path)])
+    assert {r["op"] for r in rows} == {"push", "pull", "push_pull"}
+    assert all(r["ms"] > 0 and r["ms_replicas2"] > 0 for r in rows)
+    assert (tmp_path / "replication.csv").stat().st_size > 0

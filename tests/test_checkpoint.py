@@ -150,10 +150,12 @@ def test_restarted_shard_rebuilds_exactly_its_own_part(make_ps, tmp_path):
                 fresh._recover(str(tmp_path), num_shards=2, block_bytes=4096)  # what __init__ does after a crash
                 (want, _), (got, _) = ray.get(shard.export.remote()), fresh.export()
                 assert set(got) == set(want)
-                for dtype, (params, state, steps) in want.items():
-                    np.testing.assert_array_equal(got[dtype][0], params)
-                    np.testing.assert_array_equal(got[dtype][2], steps)
+                for dtype, (keys, sizes, params, state, steps) in want.items():
+                    assert got[dtype][0] == keys
+                    np.testing.assert_array_equal(got[dtype][1], sizes)
+                    np.testing.assert_array_equal(got[dtype][2], params)
+                    np.testing.assert_array_equal(got[dtype][4], steps)
                     for slot in state:
-                        np.testing.assert_array_equal(got[dtype][1][slot], state[slot])
+                        np.testing.assert_array_equal(got[dtype][3][slot], state[slot])
     finally:
         restored.shutdown()

@@ -14,7 +14,8 @@ from shardps import cli
 @pytest.mark.parametrize("argv", [
     ["train", "--num-shards", "0"], ["train", "--lr", "-0.1"], ["train", "--model", "resnet"],
     ["train", "--dataset", "imagenet"], ["train", "--staleness", "2"], ["train", "--mode", "ssp", "--staleness", "-1"],
-    ["train", "--steps", "10", "--epochs", "1"], ["train", "--num-workers", "x"],
+    ["train", "--steps", "10", "--epochs", "1"], ["train", "--num-workers", "x"], ["train", "--replicas", "3"],
+    ["train", "--max-restarts", "-1"], ["train", "--replicas", "2", "--max-restarts", "0"],
 ])
 def test_bad_flags_exit_2_before_ray_starts(monkeypatch, capsys, argv):
     monkeypatch.setattr("shardps.cluster.start_ray", lambda *a, **k: pytest.fail("Ray started"))
@@ -27,7 +28,7 @@ def test_bad_flags_exit_2_before_ray_starts(monkeypatch, capsys, argv):
 def test_train_json_summary_end_to_end(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "shardps.cli", "train", "--model", "mlp", "--dataset", "digits", "--steps", "30",
-         "--num-shards", "2", "--num-cpus", "2", "--eval-every", "10", "--json"],
+         "--num-shards", "2", "--replicas", "2", "--num-cpus", "2", "--eval-every", "10", "--json"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},  # the CLI's own default: token
     )

@@ -31,9 +31,10 @@ def _train_and_kill(config, victim=None, delays=None):
     return history
 
 
-def _config(mode, tmp_path, name, steps=200):
+def _config(mode, tmp_path, name, steps=200, replicas=1):
+    saves = {"checkpoint_dir": str(tmp_path / name), "checkpoint_every": 10} if replicas == 1 else {}
     return TrainConfig(mode=mode, num_shards=2, num_workers=2, steps=steps, model="mlp", dataset="digits", lr=0.05,
-                       eval_every=50, checkpoint_dir=str(tmp_path / name), checkpoint_every=10, seed=5)
+                       eval_every=50, seed=5, replicas=replicas, **saves)
 
 
 def _shard0(ps, workers):
@@ -51,8 +52,16 @@ _DELAYS = {"sync": None, "async": [0.01, 0.01]}  # async: slow enough for the dr
 def test_shard_killed_mid_training_recovers_from_checkpoint(ray_session, tmp_path, mode):
     calm = _train_and_kill(_config(mode, tmp_path, "calm"), delays=_DELAYS[mode])
     hit = _train_and_kill(_config(mode, tmp_path, "hit"), _shard0, delays=_DELAYS[mode])
-    assert [r["shard"] for r in hit.recoveries] == [0]
+    assert [(r["shard"], r["from"]) for r in hit.recoveries] == [(0, "checkpoint")]
     assert 0 <= hit.recoveries[0]["step"] <= hit.steps  # what was lost: the pushes after this checkpoint
+    assert hit.steps == calm.steps == 200
+    assert abs(hit.final_accuracy - calm.final_accuracy) <= 0.02, (hit.final_accuracy, calm.final_accuracy)
+
+
+def test_shard_killed_mid_async_training_with_replicas_loses_nothing(ray_session, tmp_path):
+    calm = _train_and_kill(_config("async", tmp_path, "calm"), delays=_DELAYS["async"])
+    hit = _train_and_kill(_config("async", tmp_path, "hit", replicas=2), _shard0, delays=_DELAYS["async"])
+    assert hit.recoveries == [{"shard": 0, "from": "replica", "step": None}]
     assert hit.steps == calm.steps == 200
     assert abs(hit.final_accuracy - calm.final_accuracy) <= 0.02, (hit.final_accuracy, calm.final_accuracy)
 

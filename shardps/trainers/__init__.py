@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import ray
 
 from shardps import checkpoint
-from shardps.cluster import launch
+from shardps.cluster import SHARD_CPUS, launch
 from shardps.config import TrainConfig
 from shardps.data import Dataset, load, worker_split
 from shardps.models import build_model
@@ -22,6 +22,7 @@ from shardps.trainers.worker import Worker
 __all__ = ["train", "TrainConfig", "History", "EvalPoint"]
 log = logging.getLogger(__name__)
 
+WORKER_START_TIMEOUT_S = 300.0  # placing the workers and importing TensorFlow in them
 Progress = Callable[[dict], None]  # receives {"step", "total", "loss", and on evaluations "accuracy", ...}
 
 
@@ -41,16 +42,19 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
         on_start: called with the router and the worker actors once they
             are up (for monitoring and fault-injection tests).
 
-    With ``checkpoint_dir``, shards that crash are restarted by Ray and
-    reload the latest checkpoint (what was pushed since is lost and
-    reported in ``History.recoveries``); crashed workers are restarted and
-    carry on, up to ``max_restarts`` times each.
+    Shards that crash are restarted by Ray (up to ``max_restarts`` times)
+    when there is something to restart them from: with ``replicas=2`` they
+    copy their replica (nothing lost), else with ``checkpoint_dir`` they
+    reload the latest checkpoint (what was pushed since is lost). Each
+    restart is reported in ``History.recoveries``. Crashed workers are
+    restarted and carry on, up to ``max_restarts`` times each.
 
     Returns:
         The :class:`History` of evaluations and the run's totals.
 
     Raises:
-        ValueError: bad config or data; FileNotFoundError: MNIST asked for and missing.
+        ValueError: bad config or data; FileNotFoundError: MNIST asked for and missing;
+        TimeoutError: the cluster has no room for the shards or the workers.
     """
     data = load(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
@@ -77,7 +81,8 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
                 ray.kill(worker)
         stats = ps.stats()
         history.staleness = staleness_summary(stats)
-        history.recoveries = [{"shard": s["shard"], "step": s["restored_step"]} for s in stats if s["restarted"]]
+        history.recoveries = [{"shard": s["shard"], "from": s["restored_from"], "step": s["restored_step"]}
+                              for s in stats if s["restarted"]]
         history.weights = ps.pull()
     history.steps = steps
     return history
@@ -88,9 +93,9 @@ def _open_store(config: TrainConfig, model):
 
     Returns ``(router, step to start from)``.
     """
-    restarts = config.max_restarts if config.checkpoint_dir else 0  # without a checkpoint a restart has nothing
-    launch_kwargs = {"address": config.address, "num_cpus": config.num_cpus, "max_restarts": restarts,
-                     "checkpoint_dir": config.checkpoint_dir}
+    recoverable = config.checkpoint_dir or config.replicas > 1  # else a restarted shard has nothing to reload
+    launch_kwargs = {"address": config.address, "num_cpus": config.num_cpus, "replicas": config.replicas,
+                     "max_restarts": config.max_restarts if recoverable else 0, "checkpoint_dir": config.checkpoint_dir}
     if config.resume and checkpoint.latest(config.checkpoint_dir) is not None:
         manifest, params, state = checkpoint.read(config.checkpoint_dir)
         if set(params) != set(model.names):
@@ -131,7 +136,9 @@ def _start_workers(ps, data: Dataset, config: TrainConfig) -> tuple[list, list]:
     alive while the workers may restart (Ray re-runs ``__init__`` with them).
     """
     total_cpus = ray.cluster_resources().get("CPU", 1.0)
-    cpus = min(1.0, max(0.01, (total_cpus - 0.01 * ps.num_shards) / config.num_workers))  # all must fit
+    shard_actors = ps.num_shards * config.replicas
+    # all must fit, also next to shards on a 1-CPU node (shards reserve SHARD_CPUS each)
+    cpus = max(0.01, min(1.0 - SHARD_CPUS * shard_actors, (total_cpus - SHARD_CPUS * shard_actors) / config.num_workers))
     actor = ray.remote(Worker).options(num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=config.max_restarts)
     parts = worker_split(len(data.x_train), config.num_workers, seed=config.seed)
     workers, refs = [], []
@@ -140,6 +147,13 @@ def _start_workers(ps, data: Dataset, config: TrainConfig) -> tuple[list, list]:
         workers.append(actor.remote(i, ps, config.model, data.input_shape, data.num_classes, x, y,
                                     config.batch_size, seed=config.seed))
         refs += [x, y]
+    try:
+        ray.get([w.pid.remote() for w in workers], timeout=WORKER_START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        for worker in workers:
+            ray.kill(worker)
+        raise TimeoutError(f"{config.num_workers} workers of {cpus:.2f} CPU each were not up within "
+                           f"{WORKER_START_TIMEOUT_S} s; cluster resources: {ray.cluster_resources()}") from None
     return workers, refs
 
 

@@ -30,7 +30,7 @@ class History:
     staleness: dict = field(default_factory=dict)
     max_lead: int = 0
     start_step: int = 0  # > 0 when resumed from a checkpoint
-    recoveries: list = field(default_factory=list)  # shards restarted from a checkpoint: {"shard", "step"}
+    recoveries: list = field(default_factory=list)  # restarted shards: {"shard", "from": replica|checkpoint, "step"}
     weights: dict = field(default_factory=dict, repr=False)  # final parameters, name -> ndarray
 
     @property

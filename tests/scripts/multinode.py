@@ -1,7 +1,11 @@
 """Run by tests/test_multinode.py in its own process: a 3-node Ray cluster on this machine.
 
-Prints one JSON line: the nodes the shards ran on, and what a pull returned
-after the node holding a shard was removed.
+``multinode.py store DIR``: prints one JSON line: the nodes the shards ran
+on, and what a pull returned after the node holding a shard was removed.
+
+``multinode.py train DIR MODE REPLICAS``: trains, removes a node holding a
+shard at 40% of the steps, and prints the run's summary, the node removed and
+the shards' nodes before and after.
 """
 import json
 import sys
@@ -13,29 +17,63 @@ from ray.cluster_utils import Cluster
 import shardps
 
 
-def main(checkpoint_dir: str) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=1, resources={"ps_server": 1}) for _ in range(2)]
+def store(cluster, servers, checkpoint_dir: str) -> dict:
+    ps = shardps.launch(2, optimizer=shardps.SGD(lr=-1.0), shard_resources={"ps_server": 0.01},
+                        max_restarts=2, checkpoint_dir=checkpoint_dir, block_bytes=4096)
+    ps.register({"w": np.zeros(20000, np.float32)})
+    ps.push({"w": np.ones(20000, np.float32)})
+    ps.save(checkpoint_dir, step=1)
+    before = [s["node"] for s in ps.stats()]
+    victim = next(n for n in servers if n.node_id == before[0])
+    cluster.remove_node(victim)  # shard 0 dies with its node; Ray restarts it on the other server node
+    ps.push({"w": np.ones(20000, np.float32)})  # re-sent to the restarted shard
+    after = ps.stats()
+    result = {"before": before, "after": [s["node"] for s in after], "victim": victim.node_id,
+              "restored": [s["restored_step"] for s in after], "w": sorted(set(ps.pull(["w"])["w"].tolist()))}
+    ps.shutdown()
+    return result
+
+
+def train(cluster, servers, checkpoint_dir: str, mode: str, replicas: int) -> dict:
+    from shardps.config import TrainConfig
+    from shardps.trainers import train
+
+    steps = 100
+    saves = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": 10} if replicas == 1 else {}
+    config = TrainConfig(mode=mode, num_shards=2, num_workers=2, steps=steps, model="mlp", dataset="digits",
+                         eval_every=50, seed=3, replicas=replicas, **saves)
+    seen = {}
+
+    def progress(event):
+        ps = seen["ps"]
+        if "victim" not in seen and event["step"] >= 0.4 * steps:
+            seen["before"] = [s["node"] for s in ps.stats()]
+            victim = next(n for n in servers if n.node_id in seen["before"])  # never the head
+            seen["victim"] = victim.node_id
+            cluster.remove_node(victim)  # its shards (and any worker there) die with it
+        if event["step"] >= event["total"]:
+            seen["after"] = [s["node"] for s in ps.stats()]
+
+    history = train(config, progress=progress, on_start=lambda ps, workers: seen.update(ps=ps),
+                    step_delays=[0.02, 0.02] if mode != "sync" else None)
+    seen.pop("ps")
+    return {**seen, **history.summary()}
+
+
+def main(scenario: str, checkpoint_dir: str, *args: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 if scenario == "train" else 1})
+    servers = [cluster.add_node(num_cpus=1, resources={"ps_server": 1}) for _ in range(2)]
     ray.init(address=cluster.address)
     try:
-        ps = shardps.launch(2, optimizer=shardps.SGD(lr=-1.0), shard_resources={"ps_server": 0.01},
-                            max_restarts=2, checkpoint_dir=checkpoint_dir, block_bytes=4096)
-        ps.register({"w": np.zeros(20000, np.float32)})
-        ps.push({"w": np.ones(20000, np.float32)})
-        ps.save(checkpoint_dir, step=1)
-        before = [s["node"] for s in ps.stats()]
-        victim = next(n for n in workers if n.node_id == before[0])
-        cluster.remove_node(victim)  # shard 0 dies with its node; Ray restarts it on the other server node
-        ps.push({"w": np.ones(20000, np.float32)})  # re-sent to the restarted shard
-        after = ps.stats()
-        print(json.dumps({"before": before, "after": [s["node"] for s in after], "victim": victim.node_id,
-                          "restored": [s["restored_step"] for s in after],
-                          "w": sorted(set(ps.pull(["w"])["w"].tolist()))}))
-        ps.shutdown()
+        if scenario == "store":
+            result = store(cluster, servers, checkpoint_dir)
+        else:
+            result = train(cluster, servers, checkpoint_dir, args[0], int(args[1]))
+        print(json.dumps(result))
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
