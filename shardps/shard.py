@@ -249,7 +249,9 @@ class ParameterShard:
         client, seq, base_version = tag or (None, None, None)
         if client is not None and seq <= self._last_seq.get(client, -1):
             return self._version
-        for group, ids, pieces in self._plan_push(messages):
+        plan = self._plan_push(messages)  # validates everything before anything changes
+        pending = self._mirror_send("push_mean", tag, *messages)  # the replica works while this shard does
+        for group, ids, pieces in plan:
             for lo, hi, grad, step in pieces:
                 for a in range(lo, hi, _CHUNK):  # cache-sized pieces: the update's temporaries stay in cache
                     b = min(a + _CHUNK, hi)
@@ -262,7 +264,7 @@ class ParameterShard:
             self._staleness[max(0, self._version - base_version)] += 1  # < 0 only after a restore
         self._version += 1
         self._pushes += 1
-        self._mirror("push_mean", tag, *messages)
+        self._mirror_wait(pending)
         return self._version
 
     def _plan_push(self, messages) -> list:
@@ -359,10 +361,21 @@ class ParameterShard:
         self._load(groups, meta)
 
     def _mirror(self, method: str, *args) -> None:
-        """Apply the change just made here on the replica too; blocks until it has.
+        """Apply the change just made here on the replica too; blocks until it has."""
+        self._mirror_wait(self._mirror_send(method, *args))
 
-        A replica that fails or restarted blank gets this shard's whole
-        state instead; one that does not come back is dropped (logged).
+    def _mirror_send(self, method: str, *args):
+        """Start the same change on the replica (it applies changes in the order sent); see :meth:`_mirror_wait`."""
+        if self._replica is None or not self._replica_in_sync:
+            return None
+        return self._replica.replicate.remote(method, args)
+
+    def _mirror_wait(self, pending) -> None:
+        """Block until the replica applied ``pending``.
+
+        Call it after the change was made here too: a replica that failed,
+        or restarted blank, is sent this shard's whole state instead; one
+        that does not come back is dropped (logged).
         """
         if self._replica is None:
             return
@@ -372,7 +385,7 @@ class ParameterShard:
         from shardps.handle import wait_alive
 
         try:
-            if self._replica_in_sync and ray.get(self._replica.replicate.remote(method, args)):
+            if pending is not None and ray.get(pending):
                 return
         except RayError as exc:
             log.warning("replica of shard %d failed (%s): sending it the whole state", self.shard_id,
