@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _protect_local_ray(args) -> None:
     """Token authentication with a fresh random token for a local Ray, unless RAY_AUTH_MODE is set.
 
-    Ray's servers listen on every interface even for a local run, and Ray
-    reads these variables when it is imported: this runs before that.
+    A local Ray listens on 127.0.0.1 only (see ``cluster.start_ray``); the
+    token also keeps out other users of this machine. Ray reads these
+    variables when it is imported: this runs before that.
     """
     local = getattr(args, "address", None) is None and "RAY_ADDRESS" not in os.environ
     if local and "RAY_AUTH_MODE" not in os.environ:

@@ -1,6 +1,7 @@
 """launch(): start or join Ray, place the shard actors, hand back a Router."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -19,11 +20,11 @@ SHARD_CPUS = 0.01  # shards mostly wait on messages; a whole CPU each would star
 
 
 def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
-    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray.
+    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray listening on 127.0.0.1 only.
 
-    Ray's servers listen on every interface even for a local run; its token
-    authentication (``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` in the
-    environment before Ray is imported) keeps others out. The CLI does that.
+    The CLI also switches on Ray's token authentication for a local run
+    (``RAY_AUTH_MODE=token`` and a fresh ``RAY_AUTH_TOKEN``, set before Ray
+    is imported), which keeps other users of this machine out too.
 
     Returns True when this call started (or connected) Ray, so the caller
     should ``ray.shutdown()`` at the end; False when Ray was already running.
@@ -37,8 +38,35 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
     else:
         num_cpus = num_cpus or os.cpu_count() or 1
         log.info("starting a local Ray with %d CPUs", num_cpus)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+        with _loopback_only():
+            ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
     return True
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """While active, a Ray started here binds its servers to 127.0.0.1 instead of every interface.
+
+    Ray takes its node address from ``services.get_node_ip_address()``, which
+    answers 127.0.0.1 when ``ray_constants.ENABLE_RAY_CLUSTER`` is false: the
+    single-machine mode Ray uses on macOS and Windows (environment variable
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when Ray is imported, hence
+    the constant). Only around ``ray.init``, so joining a cluster later in
+    this process is unaffected. Checked with ``ss -ltnp`` on Ray 2.60 and by
+    ``tests/test_security.py``; a Ray without the constant is left alone.
+    """
+    from ray._private import ray_constants
+
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if before is None:
+        log.warning("this Ray has no single-machine mode: its servers listen on every interface")
+    else:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if before is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,

@@ -8,14 +8,15 @@ import pytest
 import ray
 
 import shardps
+from shardps.cluster import _loopback_only
 
 
 @pytest.fixture(scope="session")
 def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     temp_dir = tempfile.mkdtemp(prefix="sps-", dir="/tmp")  # short: Ray's socket paths live here
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=temp_dir, configure_logging=False)
+    with _loopback_only():  # as a local launch() does
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False)
     yield
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
