@@ -10,12 +10,16 @@ a handful of vectorised numpy expressions over buffer slices, never a Python
 loop over keys.
 
 Messages (built by the router):
-- register: ``{dtype: (keys, data)}`` appends segments of ``len(data)`` elements;
+- register: ``{dtype: (keys, sizes, data)}`` appends one segment per key;
 - push:     ``{dtype: (segment_ids or None, data)}``; ``None`` means all segments;
 - pull:     ``{dtype: segment_ids or None}``, answered with ``{dtype: data}``.
 
 Data travels as :mod:`shardps.wire` encodes it (bytes when small). Per-call
 metadata is one positional tuple: Ray charges ~0.15 ms for keyword arguments.
+
+Recovery after Ray restarts a crashed shard (its ``__init__`` runs again,
+empty): from its replica if it has one (``launch(replicas=2)``: nothing
+lost), else from the latest checkpoint (what came after it is lost).
 """
 from __future__ import annotations
 
@@ -112,8 +116,9 @@ class ParameterShard:
             after that checkpoint are lost). With neither it comes back
             empty and every call raises :class:`ShardUnavailableError`.
         replica: a ``ParameterShard`` actor that mirrors this one. Every
-            change (register, push, optimizer state) is applied here, then
-            on the replica, and only then acknowledged, in the same order;
+            change (register, push, optimizer state) is validated here, sent
+            to the replica (which applies changes in the order sent), applied
+            here, and acknowledged only once the replica has applied it too;
             so an acknowledged push survives the death of either of them.
             A replica that died and restarted is sent this shard's whole
             state; one that is gone for good is dropped (logged, and

@@ -92,3 +92,29 @@ def test_per_segment_parts_and_their_mean_apply_like_one_array():
     np.testing.assert_array_equal(pulled(shard), data - 2 * np.arange(7))
     with pytest.raises(ValueError):
         shard.push_mean(None, {F32: (None, [np.ones(3, np.float32), np.ones(3, np.float32)])})
+
+
+def test_register_resent_after_a_restart_is_a_no_op_and_overlap_is_refused():
+    shard, data = shard_with([3, 4])
+    shard.register({F32: (["k0", "k1"], [3, 4], np.zeros(7, np.float32))})  # the same keys again: a re-sent call
+    np.testing.assert_array_equal(pulled(shard), data)
+    with pytest.raises(ValueError, match="already registered"):
+        shard.register({F32: (["k1", "k2"], [4, 1], np.zeros(5, np.float32))})
+    assert shard.stats()["keys"] == 2 and shard.stats()["bytes"] == 28
+
+
+def test_adopting_an_export_copies_everything():
+    shard, _ = shard_with([3, 4], Adam(lr=0.1))
+    shard.push_mean(("c", 0, None), {F32: (np.array([1]), np.ones(4, np.float32))})
+    copy = ParameterShard(0, Adam(lr=0.1))
+    copy.adopt(*shard.export())
+    for shard_ in (shard, copy):  # the copy dedupes the same retry and moves like the original
+        shard_.push_mean(("c", 0, None), {F32: (None, np.ones(7, np.float32))})
+        shard_.push_mean(("c", 1, None), {F32: (None, np.ones(7, np.float32))})
+    np.testing.assert_array_equal(pulled(copy), pulled(shard))
+    (want, meta), (got, got_meta) = shard.export(), copy.export()
+    assert meta == got_meta
+    np.testing.assert_array_equal(got[F32][4], want[F32][4])  # per-segment Adam steps
+    np.testing.assert_array_equal(got[F32][3]["m"], want[F32][3]["m"])
+    with pytest.raises(ValueError):
+        copy.replicate("pull", ())  # only changes are mirrored
