@@ -83,6 +83,8 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
         history.staleness = staleness_summary(stats)
         history.recoveries = [{"shard": s["shard"], "from": s["restored_from"], "step": s["restored_step"]}
                               for s in stats if s["restarted"]]
+        for lost in (s["shard"] for s in stats if s["replica"] == "lost"):
+            log.warning("shard %d lost its replica during the run and finished unreplicated", lost)
         history.weights = ps.pull()
     history.steps = steps
     return history

@@ -7,6 +7,7 @@ import logging
 
 import ray
 from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardps.trainers.clock import StepClock
 
@@ -22,7 +23,9 @@ def run_async(ps, workers: list, start: int, steps: int, on_step, config,
     Blocks until all workers finish; raises what a worker raised. Returns the
     largest lead of one worker over the slowest that was seen.
     """
-    clock = ray.remote(StepClock).options(num_cpus=0).remote(len(workers), config.bound)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # on the driver's node: the clock holds the run's progress and must not die with another node
+    clock = ray.remote(StepClock).options(num_cpus=0, scheduling_strategy=here).remote(len(workers), config.bound)
     delays = list(step_delays or [0.0] * len(workers))
     restarts = [0] * len(workers)
 
