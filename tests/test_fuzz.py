@@ -63,8 +63,9 @@ def _valid(update):
             return False
         if not np.can_cast(arr.dtype, np.float32, "same_kind"):
             return False
-        if not np.isfinite(arr.astype(np.float32)).all():
-            return False
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes Inf: rejected
+            if not np.isfinite(arr.astype(np.float32)).all():
+                return False
     return True
 
 
