@@ -91,3 +91,16 @@ def test_batches_wrap_around_epochs_without_running_dry():
 def test_unknown_dataset_rejected():
     with pytest.raises(ValueError, match="imagenet"):
         data.load("imagenet")
+
+
+def test_batches_random_access_matches_the_stream():
+    x, y = np.arange(10.0), np.arange(10)
+    stream = data.Batches(x, y, 4, seed=3)
+    seen = [next(stream)[1] for _ in range(8)]  # 32 examples: into the fourth epoch
+    fresh = data.Batches(x, y, 4, seed=3)  # e.g. a restarted worker: jumps straight to any batch
+    for k in (6, 0, 7, 2):
+        np.testing.assert_array_equal(fresh.batch(k)[1], seen[k])
+    flat = np.concatenate(seen)
+    for epoch in range(3):  # each epoch is a permutation of the data
+        assert sorted(flat[epoch * 10:(epoch + 1) * 10].tolist()) == list(range(10))
+    assert not np.array_equal(flat[:10], flat[10:20])  # reshuffled

@@ -31,7 +31,7 @@ def run_async(ps, workers: list, start: int, steps: int, on_step, config,
 
     def launch_run(i: int, done: int):
         return workers[i].run.remote(done, steps - start, clock, max_inflight=config.max_inflight,
-                                     step_delay=delays[i])
+                                     step_delay=delays[i], batch_offset=start)
 
     try:
         runs = {launch_run(i, 0): i for i in range(len(workers))}

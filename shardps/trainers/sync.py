@@ -20,8 +20,9 @@ def run_sync(ps, workers: list, start: int, steps: int, on_step, config) -> None
     gradient message per shard as its own object ref; each shard receives the
     W refs (never opened by the driver), averages them and applies once.
 
-    When a worker or shard dies mid-step, Ray restarts it and the whole step
-    is retried with every worker (up to ``config.max_restarts`` times per
+    Step ``t`` trains on each worker's mini-batch ``t - 1``. When a worker or
+    shard dies mid-step, Ray restarts it and the whole step is retried with
+    every worker, on the same mini-batches (up to ``config.max_restarts`` times per
     step). The step's pushes carry (driver id, step), so a shard that had
     already applied the step before another one failed skips the retry.
     """
@@ -30,7 +31,7 @@ def run_sync(ps, workers: list, start: int, steps: int, on_step, config) -> None
     for i, step in enumerate(range(start + 1, steps + 1)):
         for attempt in itertools.count():
             try:
-                losses.extend(_step(ps, workers, (driver, step, i)))
+                losses.extend(_step(ps, workers, (driver, step, i), batch=step - 1))
                 break
             except (RayActorError, RayTaskError, ShardUnavailableError) as exc:
                 if attempt >= config.max_restarts:
@@ -44,10 +45,10 @@ def run_sync(ps, workers: list, start: int, steps: int, on_step, config) -> None
             losses = []
 
 
-def _step(ps, workers: list, tag: tuple) -> list[float]:
-    """One barrier step; returns the workers' losses. ``tag``: (client, seq, base version)."""
+def _step(ps, workers: list, tag: tuple, batch: int) -> list[float]:
+    """One barrier step on mini-batch ``batch``; returns the workers' losses. ``tag``: (client, seq, base version)."""
     num_shards = ps.num_shards
-    outs = [w.sync_step.options(num_returns=1 + num_shards).remote() for w in workers]
+    outs = [w.sync_step.options(num_returns=1 + num_shards).remote(batch) for w in workers]
     involved = [s for s in range(num_shards) if ps.layout.shard_segments[s]]
     acks = [ps.shards[s].push_mean.remote(tag, *[out[1 + s] for out in outs]) for s in involved]
     losses = gather([out[0] for out in outs])

@@ -25,18 +25,23 @@ class Worker:
         self._model = build_model(model, input_shape, num_classes, seed=seed)
         self._batches = Batches(x, y, batch_size, seed=seed * 1000 + index)
 
-    def sync_step(self) -> tuple:
-        """Pull, compute on the next batch; return ``(loss, message for shard 0, ..., shard S-1)``.
+    def sync_step(self, step: int) -> tuple:
+        """Pull, compute on mini-batch ``step``; return ``(loss, message for shard 0, ..., shard S-1)``.
 
         Called with ``num_returns = 1 + num_shards`` so each message becomes
         its own object ref that the driver hands to its shard unopened.
         """
         self._model.set_weights(self._router.pull())
-        grads, loss = self._model.compute_gradients(*next(self._batches))
+        grads, loss = self._model.compute_gradients(*self._batches.batch(step))
         return (loss, *self._router.pack(grads))
 
-    def run(self, first: int, steps: int, clock, *, max_inflight: int = 2, step_delay: float = 0.0) -> int:
+    def run(self, first: int, steps: int, clock, *, max_inflight: int = 2, step_delay: float = 0.0,
+            batch_offset: int = 0) -> int:
         """Async loop: pull -> compute -> push without a barrier, for steps ``first .. steps - 1``.
+
+        Step ``i`` trains on mini-batch ``batch_offset + i`` (the offset: the
+        step a resumed run starts from), so a restarted worker carries on with
+        the data it would have seen.
 
         Before each step asks ``clock`` for permission (the SSP bound, if any)
         and reports each finished step with its loss. At most ``max_inflight``
@@ -48,7 +53,7 @@ class Worker:
         for step in range(first, steps):
             ray.get(clock.wait_turn.remote(self.index, step))
             self._model.set_weights(self._router.pull())
-            grads, loss = self._model.compute_gradients(*next(self._batches))
+            grads, loss = self._model.compute_gradients(*self._batches.batch(batch_offset + step))
             if step_delay:
                 time.sleep(step_delay)  # simulated slowness, not synchronisation
             inflight.append(self._router.push(grads, wait=False))
