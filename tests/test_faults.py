@@ -6,6 +6,7 @@ no sleep stands in for synchronisation.
 import os
 import signal
 
+import numpy as np
 import pytest
 import ray
 
@@ -71,3 +72,19 @@ def test_worker_killed_mid_training_run_completes(ray_session, tmp_path, mode):
     history = _train_and_kill(_config(mode, tmp_path, "w", steps=100), _worker0, delays=_DELAYS[mode])
     assert history.steps == 100 and history.final_accuracy > 0.5
     assert history.recoveries == []  # no shard was touched
+
+
+@pytest.fixture(scope="module")
+def calm_sync(ray_session, tmp_path_factory):
+    return _train_and_kill(_config("sync", tmp_path_factory.mktemp("calm"), "calm", steps=100, replicas=2))
+
+
+@pytest.mark.parametrize("victim", [_shard0, _worker0], ids=["shard", "worker"])
+def test_sync_training_with_replicas_ends_exactly_where_an_undisturbed_run_does(calm_sync, tmp_path, victim):
+    """Sync, replicated: a killed shard is re-sent the step's gradients, a killed worker's step is
+    retried on the same mini-batches; nothing is lost or applied twice, so the weights match bit for bit."""
+    hit = _train_and_kill(_config("sync", tmp_path, "hit", steps=100, replicas=2), victim)
+    assert [r["from"] for r in hit.recoveries] == (["replica"] if victim is _shard0 else [])
+    assert set(hit.weights) == set(calm_sync.weights)
+    for key, weights in calm_sync.weights.items():
+        np.testing.assert_array_equal(hit.weights[key], weights, err_msg=key)

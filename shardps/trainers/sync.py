@@ -8,7 +8,7 @@ import uuid
 from ray.exceptions import RayActorError, RayTaskError
 
 from shardps.errors import ShardUnavailableError
-from shardps.handle import gather, wait_alive
+from shardps.handle import Handle, gather, wait_alive
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +20,19 @@ def run_sync(ps, workers: list, start: int, steps: int, on_step, config) -> None
     gradient message per shard as its own object ref; each shard receives the
     W refs (never opened by the driver), averages them and applies once.
 
-    Step ``t`` trains on each worker's mini-batch ``t - 1``. When a worker or
-    shard dies mid-step, Ray restarts it and the whole step is retried with
-    every worker, on the same mini-batches (up to ``config.max_restarts`` times per
-    step). The step's pushes carry (driver id, step), so a shard that had
-    already applied the step before another one failed skips the retry.
+    Step ``t`` trains on each worker's mini-batch ``t - 1``. A shard that
+    dies is restarted by Ray and sent the step's gradients again. A worker
+    that dies is restarted and the whole step is retried with every worker on
+    the same mini-batches (up to ``config.max_restarts`` times per step). The
+    step's pushes carry (driver id, step), so a shard that had already
+    applied the step skips any retry.
     """
     driver = f"sync-{uuid.uuid4().hex}"
     losses: list[float] = []
     for i, step in enumerate(range(start + 1, steps + 1)):
         for attempt in itertools.count():
             try:
-                losses.extend(_step(ps, workers, (driver, step, i), batch=step - 1))
+                losses.extend(_step(ps, workers, (driver, step, i), batch=step - 1, retries=config.max_restarts))
                 break
             except (RayActorError, RayTaskError, ShardUnavailableError) as exc:
                 if attempt >= config.max_restarts:
@@ -45,12 +46,17 @@ def run_sync(ps, workers: list, start: int, steps: int, on_step, config) -> None
             losses = []
 
 
-def _step(ps, workers: list, tag: tuple, batch: int) -> list[float]:
-    """One barrier step on mini-batch ``batch``; returns the workers' losses. ``tag``: (client, seq, base version)."""
+def _step(ps, workers: list, tag: tuple, batch: int, retries: int) -> list[float]:
+    """One barrier step on mini-batch ``batch``; returns the workers' losses. ``tag``: (client, seq, base version).
+
+    A shard that dies is sent the same gradients again once Ray restarted it
+    (the worker outputs outlive it); a worker that dies fails the step.
+    """
     num_shards = ps.num_shards
     outs = [w.sync_step.options(num_returns=1 + num_shards).remote(batch) for w in workers]
     involved = [s for s in range(num_shards) if ps.layout.shard_segments[s]]
-    acks = [ps.shards[s].push_mean.remote(tag, *[out[1 + s] for out in outs]) for s in involved]
-    losses = gather([out[0] for out in outs])
-    gather(acks)
+    pushes = Handle([(ps.shards[s], lambda s=s: ps.shards[s].push_mean.remote(tag, *[out[1 + s] for out in outs]))
+                     for s in involved], lambda acks: None, retries=retries)
+    losses = gather([out[0] for out in outs])  # first, so a dead worker fails the step before any re-send
+    pushes.wait()
     return losses
