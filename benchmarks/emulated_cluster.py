@@ -150,9 +150,13 @@ def main(argv=None) -> None:
     p.add_argument("--workloads", nargs="+", default=["cnn", "big"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("bench-out/cluster"))
+    p.add_argument("--replication", action="store_true",
+                   help="instead of the sweep: replicas=2 vs none at servers/2 shards (benchmarks.replication)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         p.error("needs root (network namespaces and tc)")
+    if args.replication:
+        return _replication(args)
     shards = [s for s in (1, 2, 4, 8) if s <= args.servers]
     with EmulatedCluster(args.servers, server_mbit=args.server_mbit, client_mbit=args.client_mbit or None) as c:
         c.in_client([sys.executable, "-m", "benchmarks.ps_throughput", "--address", c.address, "--node-ip", _ip(0),
@@ -163,6 +167,14 @@ def main(argv=None) -> None:
     targets = speedups(rows, max(shards))
     write_rows(args.out, "cluster_targets", targets)
     print_table(targets, ["target", "value", "ok"])
+
+
+def _replication(args) -> None:
+    """benchmarks.replication on the emulated hosts: every shard and every replica on a server host of its own."""
+    with EmulatedCluster(args.servers, server_mbit=args.server_mbit, client_mbit=args.client_mbit or None) as c:
+        c.in_client([sys.executable, "-m", "benchmarks.replication", "--address", c.address, "--node-ip", _ip(0),
+                     "--server-resources", json.dumps({"server": 0.01}), "--shards", str(args.servers // 2),
+                     "--workloads", *args.workloads, "--rounds", str(args.repeats), "--out", str(args.out)])
 
 
 def speedups(rows: list[dict], shards: int) -> list[dict]:

@@ -11,7 +11,10 @@ machine noise hits both alike; medians over rounds of medians.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+import ray
 
 import shardps
 from benchmarks.common import arrays, median, print_table, time_op, workloads, write_rows
@@ -27,16 +30,25 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (smoke tests)")
     p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--node-ip", help="this host's IP in the cluster (with --address)")
+    p.add_argument("--server-resources", type=json.loads, default={},
+                   help='JSON Ray resources for shards and replicas, e.g. \'{"server": 0.01}\'')
     p.add_argument("--out", type=Path, help="write replication.csv/json here")
     args = p.parse_args(argv)
 
-    started = start_ray(num_cpus=args.num_cpus)
+    started = not ray.is_initialized()
+    if started and args.address:
+        ray.init(address=args.address, _node_ip_address=args.node_ip)
+    elif started:
+        start_ray(num_cpus=args.num_cpus)
     rows = []
     try:
         for name in args.workloads:
             shapes = workloads(args.scale)[name]
             values = arrays(shapes, scale=1e-3)
-            stores = {r: shardps.launch(args.shards, optimizer=shardps.SGD(lr=-1.0), replicas=r) for r in (1, 2)}
+            stores = {r: shardps.launch(args.shards, optimizer=shardps.SGD(lr=-1.0), replicas=r,
+                                        shard_resources=args.server_resources) for r in (1, 2)}
             try:
                 for ps in stores.values():
                     ps.register(arrays(shapes))
@@ -55,8 +67,6 @@ def main(argv=None) -> list[dict]:
                              "ms_replicas2": round(1000 * mirrored, 3), "ratio": round(mirrored / plain, 3)})
     finally:
         if started:
-            import ray
-
             ray.shutdown()
     print_table(rows, ["workload", "op", "shards", "ms", "ms_replicas2", "ratio"])
     if args.out:
