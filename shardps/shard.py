@@ -103,6 +103,15 @@ class _Group:
                 yield ids[a:b], int(off[a]), int(off[b - 1] + size[b - 1]), int(data_at[a])
 
 
+def _fetched(messages: tuple) -> list:
+    """``messages`` with any ObjectRef (a large replicated push) replaced by its value."""
+    if not any(type(m).__name__ == "ObjectRef" for m in messages):
+        return list(messages)
+    import ray
+
+    return [ray.get(m) if isinstance(m, ray.ObjectRef) else m for m in messages]
+
+
 class ParameterShard:
     """Holds a slice of the model and applies pushes with a server-side optimizer.
 
@@ -243,6 +252,9 @@ class ParameterShard:
     def push_mean(self, tag: tuple | None, *messages: dict) -> int:
         """Apply the mean of one or more pushes (sync mode sends W) as one update.
 
+        A message may also come as an ObjectRef to one (a large push to a
+        replicated shard): the ref goes on to the replica unopened, so both
+        fetch the data at once.
         ``tag`` is ``(client, seq, base_version)`` (any may be None) or None.
         A push whose ``seq`` is not above the last one applied for ``client``
         is a retry and is skipped. ``base_version``: the shard version the
@@ -254,8 +266,10 @@ class ParameterShard:
         client, seq, base_version = tag or (None, None, None)
         if client is not None and seq <= self._last_seq.get(client, -1):
             return self._version
-        plan = self._plan_push(messages)  # validates everything before anything changes
-        pending = self._mirror_send("push_mean", tag, *messages)  # the replica works while this shard does
+        # the replica works while this shard does; a message sent as a ref travels to both at once.
+        # Should it be malformed, the replica rejects it too and changes nothing.
+        pending = self._mirror_send("push_mean", tag, *messages)
+        plan = self._plan_push(_fetched(messages))  # validates everything before anything changes
         for group, ids, pieces in plan:
             for lo, hi, grad, step in pieces:
                 for a in range(lo, hi, _CHUNK):  # cache-sized pieces: the update's temporaries stay in cache

@@ -36,6 +36,15 @@ def all_finite(arr: np.ndarray) -> bool:
     return bool(np.isfinite(arr).all())
 
 
+def message_bytes(message: dict) -> int:
+    """Bytes of data in a push message ``{dtype: (ids, data)}`` (data: wire form, or a list of arrays)."""
+    total = 0
+    for _, data in message.values():
+        for part in data if isinstance(data, list) else [data]:
+            total += len(part) if isinstance(part, (bytes, bytearray)) else part.nbytes
+    return total
+
+
 _JOIN_BYTES = 1 << 20  # below this a packing copy is cheaper than Ray's per-array overhead
 
 

@@ -15,7 +15,7 @@ import shardps
 from shardps import SGD, Adam, ShardUnavailableError
 from shardps.cluster import pair_bundles
 
-SHAPES = {"big": (300, 100), "a": (7,), "b": (3, 5)}  # "big" (120 KB) is split over both shards
+SHAPES = {"big": (300, 250), "a": (7,), "b": (3, 5)}  # "big" (300 KB): split, > 100 KB per shard: sent as a ref
 
 
 def _ones():
