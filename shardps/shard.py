@@ -286,6 +286,14 @@ class ParameterShard:
         self._mirror_wait(pending)
         return self._version
 
+    def push_mean_refs(self, tag: tuple | None, refs: list) -> int:
+        """:meth:`push_mean` of messages given as ObjectRefs, fetched here (inside a list Ray does not resolve them).
+
+        Sync training on replicated shards: the refs go on to the replica
+        unopened, so shard and replica fetch the workers' gradients at once.
+        """
+        return self.push_mean(tag, *refs)
+
     def _plan_push(self, messages) -> list:
         """Validate every message and average them: ``[(group, ids, pieces)]``.
 

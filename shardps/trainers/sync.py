@@ -55,8 +55,19 @@ def _step(ps, workers: list, tag: tuple, batch: int, retries: int) -> list[float
     num_shards = ps.num_shards
     outs = [w.sync_step.options(num_returns=1 + num_shards).remote(batch) for w in workers]
     involved = [s for s in range(num_shards) if ps.layout.shard_segments[s]]
-    pushes = Handle([(ps.shards[s], lambda s=s: ps.shards[s].push_mean.remote(tag, *[out[1 + s] for out in outs]))
-                     for s in involved], lambda acks: None, retries=retries)
+
+    def push(s: int):
+        grads = [out[1 + s] for out in outs]
+        if ps.replicas:  # refs inside a list: the shard passes them to its replica before fetching them
+            return ps.shards[s].push_mean_refs.remote(tag, grads)
+        return ps.shards[s].push_mean.remote(tag, *grads)  # Ray resolves them before the shard starts
+
+    calls = [(ps.shards[s], lambda s=s: push(s)) for s in involved]
+    if ps.replicas:  # a shard fetching refs itself would block (and the workers' pulls with it) until they exist
+        losses = gather([out[0] for out in outs])
+        Handle(calls, lambda acks: None, retries=retries).wait()
+        return losses
+    pushes = Handle(calls, lambda acks: None, retries=retries)
     losses = gather([out[0] for out in outs])  # first, so a dead worker fails the step before any re-send
     pushes.wait()
     return losses
