@@ -252,14 +252,15 @@ class ParameterShard:
     def push_mean(self, tag: tuple | None, *messages: dict) -> int:
         """Apply the mean of one or more pushes (sync mode sends W) as one update.
 
-        A message may also come as an ObjectRef to one (a large push to a
-        replicated shard): the ref goes on to the replica unopened, so both
-        fetch the data at once.
         ``tag`` is ``(client, seq, base_version)`` (any may be None) or None.
         A push whose ``seq`` is not above the last one applied for ``client``
         is a retry and is skipped. ``base_version``: the shard version the
-        gradient was computed at, to record staleness. Returns the shard
-        version after the push. Raises ``ValueError`` for a malformed
+        gradient was computed at, to record staleness. A message may also
+        come as an ObjectRef to one (a large push to a replicated shard): the
+        ref goes on to the replica unopened, so both fetch the data at once.
+
+        Blocks until the replica (if any) applied the push too. Returns the
+        shard version after the push. Raises ``ValueError`` for a malformed
         message, before anything changes.
         """
         self._check_alive()
