@@ -125,10 +125,12 @@ class ParameterShard:
             after that checkpoint are lost). With neither it comes back
             empty and every call raises :class:`ShardUnavailableError`.
         replica: a ``ParameterShard`` actor that mirrors this one. Every
-            change (register, push, optimizer state) is validated here, sent
-            to the replica (which applies changes in the order sent), applied
-            here, and acknowledged only once the replica has applied it too;
-            so an acknowledged push survives the death of either of them.
+            change (register, push, optimizer state) is applied here and sent
+            to the replica (which applies changes in the order sent), and
+            acknowledged only once the replica has applied it too; so an
+            acknowledged push survives the death of either of them. A push
+            goes to the replica before it is checked here, so both work at
+            once; a malformed one is rejected by both, changing nothing.
             A replica that died and restarted is sent this shard's whole
             state; one that is gone for good is dropped (logged, and
             ``stats()["replica"]`` says ``"lost"``).
@@ -141,7 +143,6 @@ class ParameterShard:
         self.shard_id = shard_id
         self._optimizer = optimizer
         self._groups: dict[str, _Group] = {}
-        self._num_keys = 0
         self._version = 0  # pushes applied so far
         self._last_seq: dict[str, int] = {}  # client id -> last applied sequence number
         self._pushes = 0
@@ -197,7 +198,6 @@ class ParameterShard:
         self._replica_in_sync = False  # the replica (if any) has other state: the next change sends it this
         log.warning("shard %d restarted from the checkpoint at step %d", self.shard_id, self._restored_step)
 
-
     def _check_alive(self) -> None:
         if self._restarted and self._restored_from is None:
             raise ShardUnavailableError(f"shard {self.shard_id} restarted without a usable checkpoint or replica: "
@@ -207,7 +207,7 @@ class ParameterShard:
 
     def _load(self, groups: dict, meta: dict) -> None:
         """Replace everything held by ``groups`` (as :meth:`export` gives them) and ``meta``."""
-        self._groups, self._num_keys = {}, 0
+        self._groups = {}
         self._register({dt: (keys, sizes, data) for dt, (keys, sizes, data, _, _) in groups.items()})
         self._load_state({dt: (state, steps) for dt, (_, _, _, state, steps) in groups.items()})
         self._version = int(meta["version"])
@@ -238,7 +238,6 @@ class ParameterShard:
         for dtype, (keys, sizes, _) in message.items():
             group = self._groups.setdefault(dtype, _Group(np.dtype(dtype), self._optimizer.slots()))
             group.append(list(keys), sizes, arrays[dtype])
-            self._num_keys += len(keys)
         return True
 
     def push(self, packet: tuple) -> int:
@@ -457,7 +456,7 @@ class ParameterShard:
         """
         return {
             "shard": self.shard_id,
-            "keys": self._num_keys,
+            "keys": int(sum(len(g.keys) for g in self._groups.values())),
             "segments": int(sum(len(g.sizes) for g in self._groups.values())),
             "bytes": int(sum(g.params.nbytes for g in self._groups.values())),
             "pushes": self._pushes,
