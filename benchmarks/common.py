@@ -50,6 +50,29 @@ def time_op(fn: Callable[[], object], *, warmup: int = 2, min_repeats: int = 5, 
     return times
 
 
+def add_cluster_args(p, servers: str) -> None:
+    """``--address``, ``--node-ip`` and ``--server-resources`` (JSON Ray resources for ``servers``)."""
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--node-ip", help="this host's IP in the cluster (with --address)")
+    p.add_argument("--server-resources", type=json.loads, default={},
+                   help=f'JSON Ray resources for {servers}, e.g. \'{{"server": 0.01}}\'')
+
+
+def connect(args) -> bool:
+    """Join ``args.address`` or start a local Ray of ``args.num_cpus``; True if this call did (shut it down after)."""
+    import ray
+
+    from shardps.cluster import start_ray
+
+    if ray.is_initialized():
+        return False
+    if args.address:
+        ray.init(address=args.address, _node_ip_address=args.node_ip)
+    else:
+        start_ray(num_cpus=args.num_cpus)
+    return True
+
+
 def median(values) -> float:
     return statistics.median(values)
 

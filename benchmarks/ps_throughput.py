@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -21,10 +20,9 @@ from pathlib import Path
 import ray
 
 import shardps
-from shardps.cluster import start_ray
 from shardps.partition import DEFAULT_BLOCK_BYTES
 from benchmarks.baseline import BaselineServer
-from benchmarks.common import arrays, median, print_table, time_op, workloads, write_rows
+from benchmarks.common import add_cluster_args, arrays, connect, median, print_table, time_op, workloads, write_rows
 
 OPTIMIZERS = {  # "add" is the baseline's own semantics (a push adds), so that row compares like with like
     "add": lambda: shardps.SGD(lr=-1.0), "sgd": lambda: shardps.SGD(lr=0.01), "adam": lambda: shardps.Adam(lr=0.001),
@@ -232,10 +230,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1.0, help="shrink tensor sizes (smoke tests)")
     p.add_argument("--block-bytes", type=int, default=DEFAULT_BLOCK_BYTES)
     p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
-    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    p.add_argument("--node-ip", help="this host's IP in the cluster (with --address)")
-    p.add_argument("--server-resources", type=json.loads, default={},
-                   help='JSON Ray resources for shards and the baseline, e.g. \'{"server": 0.01}\'')
+    add_cluster_args(p, "shards and the baseline")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -246,11 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    started = not ray.is_initialized()
-    if started and args.address:
-        ray.init(address=args.address, _node_ip_address=args.node_ip)
-    elif started:
-        start_ray(num_cpus=args.num_cpus)
+    started = connect(args)
     try:
         rows, loads = [], []
         for name in args.workloads:

@@ -11,14 +11,12 @@ machine noise hits both alike; medians over rounds of medians.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import ray
 
 import shardps
-from benchmarks.common import arrays, median, print_table, time_op, workloads, write_rows
-from shardps.cluster import start_ray
+from benchmarks.common import add_cluster_args, arrays, connect, median, print_table, time_op, workloads, write_rows
 
 OPS = ("push", "pull", "push_pull")
 
@@ -30,18 +28,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (smoke tests)")
     p.add_argument("--num-cpus", type=int, default=2)
-    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    p.add_argument("--node-ip", help="this host's IP in the cluster (with --address)")
-    p.add_argument("--server-resources", type=json.loads, default={},
-                   help='JSON Ray resources for shards and replicas, e.g. \'{"server": 0.01}\'')
+    add_cluster_args(p, "shards and replicas")
     p.add_argument("--out", type=Path, help="write replication.csv/json here")
     args = p.parse_args(argv)
 
-    started = not ray.is_initialized()
-    if started and args.address:
-        ray.init(address=args.address, _node_ip_address=args.node_ip)
-    elif started:
-        start_ray(num_cpus=args.num_cpus)
+    started = connect(args)
     rows = []
     try:
         for name in args.workloads:
