@@ -9,6 +9,7 @@ import time
 import pytest
 
 from shardps import cli
+from tests.procs import descendants
 
 
 @pytest.mark.parametrize("argv", [
@@ -39,25 +40,6 @@ def test_train_json_summary_end_to_end(tmp_path):
     assert "step 30/30" in out.stderr  # plain progress lines when not on a terminal
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -76,7 +58,7 @@ def test_ctrl_c_leaves_no_process_behind(tmp_path):
         for line in proc.stderr:  # wait until training is really running
             if line.startswith("step "):
                 break
-        started = _descendants(proc.pid)
+        started = descendants(proc.pid)
         assert started, "Ray processes should be running under the CLI"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130

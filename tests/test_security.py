@@ -7,10 +7,9 @@ from pathlib import Path
 
 
 def test_local_ray_listens_on_loopback_only():
-    script = Path(__file__).parent / "scripts" / "listening.py"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
-                         cwd=Path(__file__).parent.parent)
+    out = subprocess.run([sys.executable, "-m", "tests.scripts.listening"], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(result["addresses"]) >= 3  # at least the GCS, the raylet and the shard's worker listen

@@ -1,5 +1,7 @@
-"""Run by tests/test_security.py in its own process: start shardps on a local Ray and
-print, as JSON, every TCP address that a process of that Ray listens on (read from /proc)."""
+"""Run by tests/test_security.py in its own process (``python -m tests.scripts.listening``).
+
+Starts shardps on a local Ray and prints, as JSON, every TCP address that a
+process of that Ray listens on (read from /proc)."""
 import ipaddress
 import json
 import os
@@ -8,21 +10,7 @@ import socket
 import numpy as np
 
 import shardps
-
-
-def descendants(root: int) -> set[int]:
-    parents = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
+from tests.procs import descendants
 
 
 def socket_inodes(pids: set[int]) -> set[str]:
