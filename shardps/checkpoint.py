@@ -1,16 +1,24 @@
-"""Checkpoints: safe formats only (npz without pickle + a JSON manifest), written atomically.
+"""Checkpoints: safe formats only (npz without pickle + a JSON manifest), written crash-safely.
 
-A checkpoint folder holds one sub-folder per save, ``ckpt-<step>``, and a
-``LATEST`` file naming the newest complete one. A save writes the sub-folder
-under a temporary name, renames it, then replaces ``LATEST`` with
-``os.replace`` (atomic), so a crash at any moment leaves the previous
-checkpoint intact and pointed to. Tensors are stored whole (not per shard),
-so a checkpoint restores into any number of shards.
+A checkpoint folder holds one sub-folder per save, ``ckpt-<step>-<id>``, and
+a ``LATEST`` file naming the newest complete one. A save writes its
+sub-folder under a temporary name, renames it to a name no other save uses,
+then replaces ``LATEST`` with ``os.replace`` (atomic); only after that are
+older saves removed. So a crash at any instant leaves ``LATEST`` naming a
+complete checkpoint (the old one or the new one), also when the same step is
+saved twice. Tensors are stored whole (not per shard), so a checkpoint
+restores into any number of shards.
 
-Inside ``ckpt-<step>``: ``manifest.json`` (format version, step, optimizer and
-its hyperparameters, block size, shard count, keys with shape, dtype and
-optimizer step) and ``arrays.npz`` (``p<i>`` parameters, ``s<i>.<slot>``
-optimizer state, ``i`` = index of the key in the manifest).
+Inside: ``manifest.json`` (format version, the store's id, step, optimizer
+and its hyperparameters, block size, shard count, keys with shape, dtype and
+optimizer step, and per shard its version and record of applied pushes) and
+``arrays.npz`` (``p<i>`` parameters, ``s<i>.<slot>`` optimizer state, ``i`` =
+index of the key in the manifest).
+
+Reading trusts nothing in the files: the manifest must be a small regular
+file; only the members it names are read, each member's header (dtype,
+shape) is checked against the manifest before its data is decompressed, and
+the data may not be larger than the manifest says.
 """
 from __future__ import annotations
 
@@ -18,16 +26,19 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-FORMAT, VERSION = "shardps-checkpoint", 1
+FORMAT, VERSION = "shardps-checkpoint", 2  # 2: store id, exact applied-push records (1 is still read)
 _LATEST = "LATEST"
-_NAME = re.compile(r"^ckpt-\d{8}$")
+_NAME = re.compile(r"^ckpt-\d{8}(-[0-9a-f]{8})?$")
 _FLOATS = {np.dtype(t).str for t in (np.float16, np.float32, np.float64)}
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few KB per thousand keys
+MAX_SHARDS = 1 << 16
 
 
 def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Path:
@@ -57,31 +68,40 @@ def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Pa
         arrays.update({f"s{i}.{slot}": buf.reshape(spec.shape) for slot, buf in slots.items()})
         keys.append({"name": name, "shape": list(spec.shape), "dtype": spec.dtype.str, "step": seg_step})
     manifest = {
-        "format": FORMAT, "version": VERSION, "step": int(step), "num_shards": router.num_shards,
-        "block_bytes": layout.partitioner.block_bytes, "optimizer": optimizer_config(router.optimizer),
-        "keys": keys, "shards": [meta for _, meta in exports],
+        "format": FORMAT, "version": VERSION, "store": router.store_id, "step": int(step),
+        "num_shards": router.num_shards, "block_bytes": layout.partitioner.block_bytes,
+        "optimizer": optimizer_config(router.optimizer), "keys": keys, "shards": [meta for _, meta in exports],
     }
-    final = root / f"ckpt-{int(step):08d}"
+    final = root / f"ckpt-{int(step):08d}-{uuid.uuid4().hex[:8]}"  # never an existing name: nothing is replaced
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        with open(tmp / "arrays.npz", "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        _write_synced(tmp / "arrays.npz", lambda f: np.savez(f, **arrays))
+        _write_synced(tmp / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         os.replace(tmp, final)
-        latest_tmp = root / f".{_LATEST}.{uuid.uuid4().hex}"
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, root / _LATEST)
+        _write_synced(root / f".{_LATEST}.{uuid.uuid4().hex}", lambda f: f.write(final.name.encode()),
+                      replace=root / _LATEST)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     others = sorted((p for p in root.iterdir() if _NAME.match(p.name) and p != final), key=lambda p: p.stat().st_mtime)
     for old in others[:max(0, len(others) - (keep - 1))]:  # keep the newest, never the one just written
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_synced(path: Path, write, replace: Path | None = None) -> None:
+    """Write ``path`` with ``write(file)``, flushed to disk; then atomically rename it to ``replace`` if given."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    if replace is not None:
+        os.replace(path, replace)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself reaches the disk
+        finally:
+            os.close(fd)
 
 
 def latest(path: str | os.PathLike) -> Path | None:
@@ -102,60 +122,122 @@ def read(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     """Load and check a checkpoint completely: ``(manifest, params, state)``.
 
     ``params``: name -> array; ``state``: name -> {slot: array}. Nothing is
-    unpickled. Raises ``FileNotFoundError`` (no checkpoint) or ``ValueError``
-    naming the file (corrupt, truncated or inconsistent).
+    unpickled, only the arrays the manifest names are read, and each is
+    checked before it is decompressed. Raises ``FileNotFoundError`` (no
+    checkpoint) or ``ValueError`` naming the file (corrupt, truncated,
+    inconsistent or not a regular file).
     """
-    from shardps.optim import optimizer_from_config
-
     folder = latest(path)
     if folder is None:
         raise FileNotFoundError(f"no checkpoint in {path} (no {_LATEST} or manifest.json)")
     manifest_path, arrays_path = folder / "manifest.json", folder / "arrays.npz"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{manifest_path}: unreadable manifest: {exc}") from exc
-    _check_manifest(manifest, manifest_path)
+    from shardps.optim import optimizer_from_config
+
+    manifest = _read_manifest(manifest_path)
     slots = optimizer_from_config(manifest["optimizer"]).slots()
-    try:
-        with np.load(arrays_path, allow_pickle=False) as npz:
-            stored = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValueError(f"{arrays_path}: corrupt or truncated: {exc}") from exc
-    params, state = {}, {}
+    wanted = {}  # member -> (key, shape, dtype)
     for i, key in enumerate(manifest["keys"]):
-        want = (tuple(key["shape"]), np.dtype(key["dtype"]))
-        for array_name in [f"p{i}"] + [f"s{i}.{slot}" for slot in slots]:
-            got = stored.get(array_name)
-            if got is None or (got.shape, got.dtype) != want:
-                raise ValueError(f"{arrays_path}: array {array_name} for key {key['name']!r} is missing or not "
-                                 f"{want[0]} {want[1]}")
-        params[key["name"]] = stored[f"p{i}"]
-        state[key["name"]] = {slot: stored[f"s{i}.{slot}"] for slot in slots}
+        for member in [f"p{i}"] + [f"s{i}.{slot}" for slot in slots]:
+            wanted[member] = (key["name"], tuple(key["shape"]), np.dtype(key["dtype"]))
+    stored = _read_arrays(arrays_path, wanted)
+    params = {key["name"]: stored[f"p{i}"] for i, key in enumerate(manifest["keys"])}
+    state = {key["name"]: {slot: stored[f"s{i}.{slot}"] for slot in slots} for i, key in enumerate(manifest["keys"])}
     return manifest, params, state
 
 
+def _regular_file(path: Path, limit: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``path`` is a regular file (not a FIFO, device, ...) of at most ``limit`` bytes."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    if limit is not None and info.st_size > limit:
+        raise ValueError(f"{path}: {info.st_size} bytes, more than a manifest can be ({limit})")
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest at ``path``, checked (its optimizer too); raises ``ValueError`` naming the file."""
+    from shardps.optim import optimizer_from_config
+
+    _regular_file(path, MAX_MANIFEST_BYTES)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable manifest: {exc}") from exc
+    _check_manifest(manifest, path)
+    try:
+        optimizer_from_config(manifest["optimizer"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: invalid manifest: optimizer {manifest['optimizer']!r:.120}: {exc}") from exc
+    return manifest
+
+
+def _read_arrays(path: Path, wanted: dict[str, tuple[str, tuple, np.dtype]]) -> dict[str, np.ndarray]:
+    """The ``wanted`` members of the npz at ``path``, each checked against its (key, shape, dtype) first."""
+    _regular_file(path)
+    total = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, shape, dtype in wanted.values())
+    if total > _memory_bytes():
+        raise ValueError(f"{path}: the manifest declares {total} bytes of arrays, more than this machine's memory")
+    headers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member, (key, shape, dtype) in wanted.items():
+                info = archive.NameToInfo.get(member + ".npy")
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if info is None or not nbytes < info.file_size <= nbytes + 4096:  # a .npy header is < 4 KiB
+                    raise ValueError(f"array {member} for key {key!r} is missing or not of {shape} {dtype}")
+                with archive.open(info) as f:  # the header only: shape, order, dtype
+                    read_header = headers.get(np.lib.format.read_magic(f))
+                    got = read_header(f) if read_header else None
+                if got is None or (got[0], got[2]) != (shape, dtype):
+                    raise ValueError(f"array {member} for key {key!r} is not {shape} {dtype} as the manifest says")
+                with archive.open(info) as f:
+                    out[member] = np.lib.format.read_array(f, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"{path}: corrupt, truncated or not matching its manifest: {exc}") from exc
+    return out
+
+
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _check_manifest(m, where: Path) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``m`` is a well-formed manifest; upgrades format 1 in place."""
+    from shardps.dedup import AppliedRecord
+
     def bad(what):
         raise ValueError(f"{where}: invalid manifest: {what}")
 
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         bad(f"not a {FORMAT} manifest")
-    if m.get("version") != VERSION:
-        bad(f"format version {m.get('version')!r}, this shardps reads {VERSION}")
-    for field in ("step", "num_shards", "block_bytes"):
+    if m.get("version") not in (1, VERSION):
+        bad(f"format version {m.get('version')!r}, this shardps reads 1 and {VERSION}")
+    for field, low, high in (("step", 0, None), ("num_shards", 1, MAX_SHARDS), ("block_bytes", 1, None)):
         value = m.get(field)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if field == "step" else 1):
-            bad(f"{field} = {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
+            bad(f"{field} = {value!r:.40}")
+    if not isinstance(m.get("store", ""), (str, type(None))):
+        bad("store id")
     if not isinstance(m.get("optimizer"), dict):
         bad("optimizer missing")
     shards = m.get("shards", [])
     if not isinstance(shards, list) or len(shards) not in (0, m["num_shards"]) or not all(
-            isinstance(s, dict) and isinstance(s.get("version", 0), int)
-            and isinstance(s.get("last_seq", {}), dict)
-            and all(isinstance(k, str) and isinstance(v, int) for k, v in s.get("last_seq", {}).items())
-            for s in shards):
+            isinstance(s, dict) and _is_count(s.get("version", 0)) for s in shards):
         bad("shards entry")
+    for shard in shards:
+        if "last_seq" in shard:  # format 1: everything up to the last number was applied
+            last = shard.pop("last_seq")
+            if not isinstance(last, dict) or not all(isinstance(k, str) and _is_count(v) for k, v in last.items()):
+                bad("shards entry")
+            shard["applied"] = {client: [seq + 1, []] for client, seq in last.items()}
+        try:
+            AppliedRecord.from_json(shard.setdefault("applied", {}))
+        except ValueError as exc:
+            bad(f"shards entry: {exc}")
     keys = m.get("keys")
     if not isinstance(keys, list) or not keys:
         bad("no keys")
@@ -165,12 +247,16 @@ def _check_manifest(m, where: Path) -> None:
             bad(f"key entry {str(key)[:80]}")
         names.add(key["name"])
         shape = key.get("shape")
-        if not isinstance(shape, list) or len(shape) > 32 or not all(isinstance(d, int) and d > 0 for d in shape):
-            bad(f"shape of {key['name']!r}: {shape!r}")
+        if not isinstance(shape, list) or len(shape) > 32 or not all(_is_count(d) and d > 0 for d in shape):
+            bad(f"shape of {key['name']!r}: {shape!r:.80}")
         if key.get("dtype") not in _FLOATS:
-            bad(f"dtype of {key['name']!r}: {key.get('dtype')!r}")
-        if not isinstance(key.get("step"), int) or key["step"] < 0:
-            bad(f"step of {key['name']!r}: {key.get('step')!r}")
+            bad(f"dtype of {key['name']!r}: {key.get('dtype')!r:.40}")
+        if not _is_count(key.get("step")):
+            bad(f"step of {key['name']!r}: {key.get('step')!r:.40}")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def restore(path: str | os.PathLike, num_shards: int | None = None, address: str | None = None, **launch_kwargs):
@@ -188,11 +274,12 @@ def restore(path: str | os.PathLike, num_shards: int | None = None, address: str
 
 
 def launch_from(manifest: dict, params: dict, state: dict, *, num_shards: int | None = None, **launch_kwargs):
-    """:func:`restore` from what :func:`read` returned."""
+    """:func:`restore` from what :func:`read` returned. The new store keeps the checkpoint's store id."""
     from shardps.cluster import launch
     from shardps.optim import optimizer_from_config
 
     launch_kwargs.setdefault("block_bytes", manifest["block_bytes"])
+    launch_kwargs.setdefault("store_id", manifest.get("store"))
     ps = launch(num_shards or manifest["num_shards"], optimizer=optimizer_from_config(manifest["optimizer"]),
                 **launch_kwargs)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -17,6 +18,7 @@ from shardps.shard import ParameterShard
 log = logging.getLogger(__name__)
 
 SHARD_CPUS = 0.01  # shards mostly wait on messages; a whole CPU each would starve workers on 2 cores
+_ray_users: int | None = None  # stores running on the Ray that launch() started in this process (None: none)
 
 
 def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
@@ -73,7 +75,7 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
            block_bytes: int = DEFAULT_BLOCK_BYTES, allow_nonfinite: bool = False,
            num_cpus: int | None = None, shard_resources: dict | None = None,
            max_restarts: int | None = None, checkpoint_dir: str | None = None, replicas: int = 1,
-           timeout: float | None = 120.0) -> Router:
+           timeout: float | None = 120.0, store_id: str | None = None) -> Router:
     """Start ``num_shards`` parameter shards and return the Router that owns them.
 
     Starts a local Ray when none is running (or joins ``address`` /
@@ -103,6 +105,9 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
             it is acknowledged (a push costs a second round trip), so no
             acknowledged push is lost when one of the two dies.
         timeout: seconds to wait for the shards to be placed (None: forever).
+        store_id: this store's identity, written into its checkpoints; a
+            restarted shard reloads only a checkpoint with the same id
+            (default: a fresh one; ``restore()`` passes the checkpoint's).
 
     Raises:
         ValueError: bad arguments (checked before Ray starts).
@@ -120,23 +125,24 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
         raise ValueError(f"Argument `replicas` must be 1 or 2. Received: {replicas!r}")
     if max_restarts is None:
         max_restarts = 3 if replicas == 2 else 0
-    if not isinstance(max_restarts, int) or max_restarts < 0:
+    if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) or max_restarts < 0:
         raise ValueError(f"Argument `max_restarts` must be an integer >= 0. Received: {max_restarts!r}")
     if replicas == 2 and max_restarts == 0:
         raise ValueError("Argument `replicas=2` needs `max_restarts` >= 1: a shard is recovered by restarting it")
     optimizer = SGD(lr=0.01) if optimizer is None else optimizer
     if not hasattr(optimizer, "apply"):
         raise ValueError(f"Argument `optimizer` must be one of shardps.SGD/Momentum/Adam/Adagrad. Received: {optimizer!r}")
-    started = start_ray(address, num_cpus=num_cpus)
+    shares_ray = _use_ray(address, num_cpus)
     group, shards, copies = None, [], []
 
     def release() -> None:
-        for actor in shards + copies:
-            ray.kill(actor)
-        if group is not None:
-            remove_placement_group(group)
-        if started:
-            ray.shutdown()
+        if ray.is_initialized():
+            for actor in shards + copies:
+                ray.kill(actor)
+            if group is not None:
+                remove_placement_group(group)
+        if shares_ray:
+            _leave_ray()
 
     try:
         bundle = {"CPU": SHARD_CPUS, **(shard_resources or {})}
@@ -147,13 +153,16 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
         nodes = ray.util.placement_group_table(group)["bundles_to_node_id"]
         primary_bundles, replica_bundles = pair_bundles([nodes[i] for i in range(len(nodes))], num_shards, replicas)
         actor = ray.remote(ParameterShard)
+        store_id = store_id or uuid.uuid4().hex
         recovery = {"checkpoint_dir": None if checkpoint_dir is None else os.path.abspath(checkpoint_dir),
-                    "num_shards": num_shards, "block_bytes": block_bytes}
+                    "num_shards": num_shards, "block_bytes": block_bytes, "store": store_id}
 
         def options(bundle_index: int) -> dict:
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle_index)
+            # max_task_retries: Ray re-sends a call once the shard is back (at least once); the shard's
+            # record of applied pushes makes that exactly once
             return {"num_cpus": SHARD_CPUS, "resources": shard_resources or {}, "scheduling_strategy": strategy,
-                    "max_restarts": max_restarts}
+                    "max_restarts": max_restarts, "max_task_retries": -1 if max_restarts else 0}
 
         for i, bundle_index in enumerate(replica_bundles):
             copies.append(actor.options(**options(bundle_index)).remote(i, optimizer, is_replica=True))
@@ -166,7 +175,32 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
         release()
         raise
     return Router(shards, Layout(partitioner), optimizer=optimizer, allow_nonfinite=allow_nonfinite,
-                  retries=max_restarts, replicas=copies or None, on_shutdown=release)
+                  replicas=copies or None, on_shutdown=release, store_id=store_id)
+
+
+def _use_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Start or join Ray for one store. True if the store runs on a Ray that launch() started here.
+
+    Such a Ray is shut down when the last store using it is (two stores in
+    one process do not stop each other's Ray); a Ray started by the user is
+    left running.
+    """
+    global _ray_users
+    if start_ray(address, num_cpus=num_cpus):
+        _ray_users = 1
+        return True
+    if _ray_users is not None:
+        _ray_users += 1
+        return True
+    return False
+
+
+def _leave_ray() -> None:
+    global _ray_users
+    _ray_users -= 1
+    if _ray_users == 0:
+        _ray_users = None
+        ray.shutdown()
 
 
 def pair_bundles(nodes: list[str], num_shards: int, replicas: int) -> tuple[list[int], list[int]]:

@@ -1,12 +1,12 @@
 """Handles: remote calls in flight to shards, and the one way to wait for them.
 
-A :class:`Handle` keeps, for each call, a function that (re)issues it, so
-when a shard dies and Ray restarts it the call is sent again, with the same
-(client, sequence number): the shard applies it at most once.
+Re-sending a call to a shard that Ray restarted is Ray's job: shards are
+created with ``max_task_retries``, so Ray sends the call again as soon as the
+shard is back, whether or not anybody waits on it (at least once); the
+shard's record of applied pushes makes that exactly once (:mod:`shardps.dedup`).
 """
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Any, Callable
 
@@ -15,20 +15,19 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from shardps.errors import ShardUnavailableError
 
+
 class Handle:
     """A push or pull in flight. ``wait()`` is the one way to finish it.
 
-    Each call is kept as a function that (re)issues it, so when a shard dies
-    and Ray restarts it, ``wait()`` re-sends that shard's call with the same
-    (client, sequence number): the shard applies it at most once.
+    ``refs``: one ObjectRef per shard call; ``finish(replies)`` makes the
+    result; ``on_done()`` runs once when every call has its final answer
+    (the Router then knows this push can no longer arrive at a shard).
     """
 
-    def __init__(self, calls: list[tuple[Any, Callable[[], Any]]], finish: Callable[[list], Any], *,
-                 retries: int = 0):
-        self._calls = calls  # (shard actor, issue the call -> ObjectRef)
-        self._refs = [issue() for _, issue in calls]
+    def __init__(self, refs: list, finish: Callable[[list], Any], *, on_done: Callable[[], None] | None = None):
+        self._refs = refs
         self._finish = finish
-        self._retries = retries
+        self._on_done = on_done
         self._result = None
         self._done = False
 
@@ -37,57 +36,49 @@ class Handle:
 
         Raises:
             TimeoutError: not all shards answered within ``timeout`` seconds
-                (``None`` waits forever); the operation may still complete.
+                (``None`` waits forever); the operation may still complete,
+                and ``wait()`` may be called again.
             ShardUnavailableError: a shard died and did not come back (or
                 came back without its parameters).
+            ValueError: a shard rejected the call (a Router copy out of date).
         """
         if self._done:
             return self._result
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for attempt in itertools.count():
-            try:
-                replies = gather(self._refs, _left(deadline))
-                break
-            except ShardUnavailableError:
-                if attempt >= self._retries:
-                    raise
-                for i, (shard, issue) in enumerate(self._calls):
-                    if _failed(self._refs[i]):
-                        wait_alive(shard.ping, _left(deadline))
-                        self._refs[i] = issue()
+        try:
+            replies = gather(self._refs, timeout)
+        except TimeoutError:
+            raise
+        except BaseException:
+            self._finished()
+            raise
+        self._finished()
         self._result = self._finish(replies)
         self._done = True
         return self._result
 
-    def done(self) -> bool:
-        """True when every shard has answered (``wait()`` will not block)."""
-        ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0)
+    def ready(self) -> bool:
+        """True when every call has its final answer (``wait()`` will not block). Does not block."""
+        ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0, fetch_local=False)
         return len(ready) == len(self._refs)
+
+    def _finished(self) -> None:
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done()
 
 
 def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _failed(ref) -> bool:
-    """True if ``ref``'s call failed because its actor died."""
-    try:
-        ray.get(ref, timeout=0)
-    except RayActorError:
-        return True
-    except Exception:  # still running, or an ordinary error: not a lost call
-        return False
-    return False
-
-
 RESTART_TIMEOUT_S = 120.0  # how long a restarting actor may take (process start + checkpoint load)
 
 
 def wait_alive(method, timeout: float | None = RESTART_TIMEOUT_S) -> None:
-    """Block until the actor behind ``method`` (e.g. ``shard.ping``) answers a call.
+    """Block until the actor behind ``method`` (e.g. ``worker.pid``) answers a call.
 
-    While Ray restarts an actor, calls to it fail at once with
-    ``ActorUnavailableError``; this retries every 0.2 s.
+    While Ray restarts an actor created without task retries, calls to it
+    fail at once with ``ActorUnavailableError``; this retries every 0.2 s.
 
     Raises:
         ShardUnavailableError: the actor is dead for good, or not back within ``timeout`` seconds.

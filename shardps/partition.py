@@ -71,9 +71,9 @@ class HashPartitioner:
     """
 
     def __init__(self, num_shards: int, *, block_bytes: int = DEFAULT_BLOCK_BYTES):
-        if not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
+        if not isinstance(num_shards, (int, np.integer)) or isinstance(num_shards, bool) or num_shards < 1:
             raise ValueError(f"Argument `num_shards` must be an integer >= 1. Received: {num_shards!r}")
-        if not isinstance(block_bytes, (int, np.integer)) or block_bytes < 1:
+        if not isinstance(block_bytes, (int, np.integer)) or isinstance(block_bytes, bool) or block_bytes < 1:
             raise ValueError(f"Argument `block_bytes` must be a positive integer. Received: {block_bytes!r}")
         self.num_shards = int(num_shards)
         self.block_bytes = int(block_bytes)

@@ -18,17 +18,28 @@ Cost of one operation on a tensor split over S shards:
 
 A Router is picklable: a copy sent to a Ray task or actor talks to the same
 shards, with its own client id for exactly-once pushes. Only the Router that
-``launch()`` returned owns the shards; ``shutdown()`` on a copy does nothing.
+``launch()`` returned owns the shards: it alone registers keys, and
+``shutdown()`` on a copy does nothing.
+
+A Router is safe to share between threads: a push takes its sequence number
+and is sent under one lock, so each shard receives one client's pushes in
+order, and the shards' record of applied pushes is exact in any order anyway
+(:mod:`shardps.dedup`).
 """
 from __future__ import annotations
 
 import itertools
+import threading
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 import numpy as np
+import ray
+
+from shardps.dedup import Tag
+from shardps.errors import ShardUnavailableError
 from shardps.handle import Handle
 from shardps.partition import KeySpec, Layout
 from shardps.wire import INLINE_BYTES, all_finite, from_wire, join, message_bytes, to_wire
@@ -44,30 +55,35 @@ class Router:
     """
 
     def __init__(self, shards: list, layout: Layout, *, optimizer=None, allow_nonfinite: bool = False,
-                 retries: int = 0, replicas: list | None = None, on_shutdown: Callable[[], None] | None = None):
+                 replicas: list | None = None, on_shutdown: Callable[[], None] | None = None,
+                 store_id: str | None = None):
         self._shards = list(shards)
+        self.store_id = store_id  # written into checkpoints: a restarted shard reloads only its own store's
         self._replicas = None if replicas is None else list(replicas)
-        self._retries = retries  # re-sends per call when a shard restarts
         self.optimizer = optimizer
         self._layout = layout
         self._allow_nonfinite = allow_nonfinite
         self._on_shutdown = on_shutdown
+        self._owner = on_shutdown is not None  # launch()'s Router: registers keys, removes the shards
+        self._closed = False
         self._new_client()
 
     def _new_client(self) -> None:
         self._client = uuid.uuid4().hex
         self._seq = itertools.count()
+        self._pending: OrderedDict[int, Handle] = OrderedDict()  # unfinished pushes by sequence number
+        self._lock = threading.RLock()  # a push's number, floor and sending go together
         self._versions: list[int | None] = [None] * len(self._shards)  # last pulled, per shard
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for private in ("_on_shutdown", "_client", "_seq", "_versions"):
+        for private in ("_on_shutdown", "_client", "_seq", "_pending", "_lock", "_versions"):
             state.pop(private)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._on_shutdown = None  # copies never own the shards
+        self._on_shutdown, self._owner = None, False  # copies never own the shards
         self._new_client()
 
     # ---- introspection -------------------------------------------------
@@ -119,30 +135,52 @@ class Router:
     def call_each(self, call: Callable, per_shard: list | None = None) -> list:
         """``call(shard)`` (or ``call(shard, per_shard[i])``, skipping empty items) on every shard at once.
 
-        Blocks; re-sends to a shard that Ray restarted. Returns the answers in shard order.
+        Blocks (Ray re-sends to a shard that it restarted). Returns the answers in shard order.
         """
+        self._check_open()
         if per_shard is None:
-            calls = [(shard, lambda shard=shard: call(shard)) for shard in self._shards]
+            refs = [call(shard) for shard in self._shards]
         else:
-            calls = [(shard, lambda shard=shard, item=item: call(shard, item))
-                     for shard, item in zip(self._shards, per_shard) if item]
-        return Handle(calls, list, retries=self._retries).wait()
+            refs = [call(shard, item) for shard, item in zip(self._shards, per_shard) if item]
+        return Handle(refs, list).wait()
+
+    def _check_open(self) -> None:
+        """Raise ``ShardUnavailableError`` if this store was shut down (never let Ray start implicitly)."""
+        if self._closed or not ray.is_initialized():
+            raise ShardUnavailableError("this store was shut down (or Ray was): launch() or restore() a new one")
+
+    def _segments(self, shard: int) -> int:
+        """How many key segments ``shard`` holds by this Router's layout (sent along; see ``Tag``)."""
+        return sum(len(segs) for segs in self._layout.shard_segments[shard].values())
 
     # ---- register ------------------------------------------------------
     def register(self, values: Mapping[str, np.ndarray]) -> None:
         """Add new keys with their initial values. Blocks until every shard has them.
 
+        Only the Router that ``launch()`` returned may register (its copies
+        would place keys the owner does not know of).
+
         Raises:
             TypeError: ``values`` is not a mapping of str to arrays.
-            ValueError: empty mapping, key already registered, empty or
-                non-floating array, or NaN/Inf (unless ``allow_nonfinite``).
+            ValueError: empty mapping, key already registered or not
+                encodable as UTF-8, empty or non-floating array, or NaN/Inf
+                (unless ``allow_nonfinite``). Nothing changes.
+            RuntimeError: called on a Router copy.
         """
+        if not self._owner:
+            raise RuntimeError("register() is only allowed on the Router that launch() returned; "
+                               "register keys there before copying it to workers")
+        self._check_open()
         if not isinstance(values, Mapping) or not values:
             raise ValueError(f"register needs a non-empty dict of name -> array. Received: {values!r:.80}")
         arrays, shapes = {}, {}
         for key, value in values.items():
             if not isinstance(key, str) or not key:
                 raise TypeError(f"keys must be non-empty strings. Received: {key!r}")
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"key {key!r} cannot be encoded as UTF-8 (lone surrogate?)") from None
             if key in self._layout.keys:
                 raise ValueError(f"key {key!r} is already registered")
             arr = np.asarray(value)
@@ -204,14 +242,61 @@ class Router:
             TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
         """
         messages = self._for_replicated(self.pack(values))
-        seq = next(self._seq)
-        calls = [
-            (self._shards[s], lambda s=s, tag=(self._client, seq, self._versions[s]), msg=msg:
-                self._shards[s].push.remote((tag, msg)))
-            for s, msg in enumerate(messages) if msg is not None
-        ]
-        handle = Handle(calls, lambda results: None, retries=self._retries)
+        return self._send_push(lambda s, tag: self._shards[s].push.remote((tag, messages[s])),
+                               [s for s, msg in enumerate(messages) if msg is not None], lambda replies: None,
+                               wait=wait, timeout=timeout)
+
+    def _send_push(self, call: Callable, shards: list[int], finish: Callable, *,
+                   wait: bool, timeout: float | None, client: str | None = None, seq: int | None = None,
+                   floor: int | None = None, base_version: int | None = None):
+        """Number a push and send ``call(shard, tag)`` to ``shards``, all under the lock; a Handle or its result.
+
+        ``client``/``seq``/``floor``: another numbering than this Router's own (sync steps).
+        """
+        self._check_open()
+        with self._lock:
+            if seq is None:
+                self._forget_finished()
+                seq = next(self._seq)
+                floor = next(iter(self._pending), seq)  # every push below it has its answer
+            own = client is None
+            tags = {s: Tag(client or self._client, seq, floor,
+                           self._versions[s] if base_version is None else base_version, self._segments(s))
+                    for s in shards}
+            handle = Handle([call(s, tags[s]) for s in shards], finish, on_done=(lambda: self._done(seq)) if own else None)
+            if own:
+                self._pending[seq] = handle
         return handle.wait(timeout) if wait else handle
+
+    def _forget_finished(self) -> None:
+        """Drop the oldest pushes that have their answers (waited on or not), so the floor moves on."""
+        while self._pending:
+            seq, handle = next(iter(self._pending.items()))
+            if not handle.ready():
+                return
+            self._pending.pop(seq)
+
+    def _done(self, seq: int) -> None:
+        with self._lock:
+            self._pending.pop(seq, None)
+
+    def push_mean(self, messages: list[list], *, step: int, base_version: int | None = None,
+                  wait: bool = True, timeout: float | None = None):
+        """Synchronous training: shard ``s`` applies the mean of ``messages[s]`` as one update.
+
+        ``messages[s]``: the W workers' :meth:`pack` messages for shard ``s``
+        (or ObjectRefs to them, which go to the shard unopened); empty lists
+        are skipped. ``step`` numbers the update: pushing the same step again
+        (a retried step) applies it once. Blocking and errors as :meth:`push`.
+        """
+        def call(s: int, tag: Tag):
+            if self._replicas:  # refs inside a list: the shard hands them to its replica before fetching
+                return self._shards[s].push_mean_refs.remote(tag, messages[s])
+            return self._shards[s].push_mean.remote(tag, *messages[s])  # Ray resolves refs first
+
+        return self._send_push(call, [s for s, msgs in enumerate(messages) if msgs], lambda acks: None,
+                               wait=wait, timeout=timeout, client=f"{self._client}/steps", seq=step, floor=step,
+                               base_version=base_version)
 
     def pack(self, values: Mapping[str, Any]) -> list[dict | None]:
         """Validate ``values`` and build one push message per shard (``None``: not involved).
@@ -296,9 +381,10 @@ class Router:
             TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
         """
         requests, unpack = self._pull_plan(keys)
+        self._check_open()
         asked = [s for s, request in enumerate(requests) if request is not None]
-        calls = [(self._shards[s], lambda s=s: self._shards[s].pull.remote(requests[s])) for s in asked]
-        handle = Handle(calls, lambda replies: unpack(asked, replies), retries=self._retries)
+        refs = [self._shards[s].pull.remote((self._segments(s), requests[s])) for s in asked]
+        handle = Handle(refs, lambda replies: unpack(asked, replies))
         return handle.wait(timeout) if wait else handle
 
     def push_pull(self, values: Mapping[str, Any], keys: Iterable[str] | str | None = None, *,
@@ -311,19 +397,16 @@ class Router:
         """
         messages = self._for_replicated(self.pack(values))
         requests, unpack = self._pull_plan(keys)
-        seq = next(self._seq)
         asked = [s for s in range(self.num_shards) if messages[s] is not None or requests[s] is not None]
-        calls = [
-            (self._shards[s], lambda s=s, tag=(self._client, seq, self._versions[s]):
-                self._shards[s].push_pull.remote((tag, messages[s], requests[s])))
-            for s in asked
-        ]
-        handle = Handle(calls, lambda replies: unpack(asked, replies), retries=self._retries)
-        return handle.wait(timeout) if wait else handle
+        return self._send_push(lambda s, tag: self._shards[s].push_pull.remote((tag, messages[s], requests[s])),
+                               asked, lambda replies: unpack(asked, replies), wait=wait, timeout=timeout)
 
     def _pull_plan(self, keys) -> tuple[list[dict | None], Callable]:
         """Per-shard pull requests (``None``: not involved) and ``unpack(shards, replies) -> dict``."""
-        names = self.keys() if keys is None else [keys] if isinstance(keys, str) else list(keys)
+        try:  # a key asked for twice is returned once
+            names = self.keys() if keys is None else [keys] if isinstance(keys, str) else list(dict.fromkeys(keys))
+        except TypeError:
+            raise KeyError(f"keys must be strings. Received: {keys!r:.80}") from None
         specs = [self.spec(name) for name in names]
         wanted = [defaultdict(list) for _ in self._shards]
         for spec in specs:
@@ -361,6 +444,7 @@ class Router:
         """Remove the shards and everything ``launch()`` started. Idempotent; no-op on copies."""
         on_shutdown, self._on_shutdown = self._on_shutdown, None
         if on_shutdown is not None:
+            self._closed = True
             on_shutdown()
 
     def __enter__(self) -> "Router":

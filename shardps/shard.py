@@ -29,6 +29,7 @@ from collections import Counter
 
 import numpy as np
 
+from shardps.dedup import AppliedRecord, Tag
 from shardps.errors import ShardUnavailableError
 from shardps.wire import from_wire, to_wire
 
@@ -144,7 +145,7 @@ class ParameterShard:
         self._optimizer = optimizer
         self._groups: dict[str, _Group] = {}
         self._version = 0  # pushes applied so far
-        self._last_seq: dict[str, int] = {}  # client id -> last applied sequence number
+        self._applied = AppliedRecord()  # which (client, seq) pushes were applied: exactly once
         self._pushes = 0
         self._pulls = 0
         self._staleness: Counter[int] = Counter()  # staleness -> pushes, when the client says
@@ -156,6 +157,7 @@ class ParameterShard:
         self._restarted = recovery is not None and _reconstructed()
         self._restored_step: int | None = None
         self._restored_from: str | None = None
+        self._lost_because = "no usable checkpoint or replica"
         if self._restarted and not self._copy_replica():
             self._recover(**recovery)
 
@@ -175,24 +177,35 @@ class ParameterShard:
         log.warning("shard %d restarted from its replica: nothing was lost", self.shard_id)
         return True
 
-    def _recover(self, checkpoint_dir: str | None, num_shards: int, block_bytes: int) -> None:
-        """Reload this shard's segments, optimizer state and dedupe table from the latest checkpoint."""
+    def _recover(self, checkpoint_dir: str | None, num_shards: int, block_bytes: int, store: str | None = None) -> None:
+        """Reload this shard's segments, optimizer state and dedupe record from the latest checkpoint.
+
+        Only a checkpoint written by this store (``store``: its id) with the
+        same layout is used; else the shard stays lost, saying why.
+        """
         from shardps import checkpoint
         from shardps.partition import HashPartitioner, Layout
 
-        if checkpoint_dir is None or checkpoint.latest(checkpoint_dir) is None:
-            log.error("shard %d restarted with no checkpoint: its parameters are lost", self.shard_id)
-            return
-        manifest, params, state = checkpoint.read(checkpoint_dir)
-        if (manifest["num_shards"], manifest["block_bytes"]) != (num_shards, block_bytes):
-            log.error("shard %d restarted but the checkpoint has another layout", self.shard_id)
+        manifest, why = None, f"there is no checkpoint in {checkpoint_dir}"
+        try:
+            if checkpoint_dir is not None and checkpoint.latest(checkpoint_dir) is not None:
+                manifest, params, state = checkpoint.read(checkpoint_dir)
+        except (OSError, ValueError) as exc:
+            why = f"its checkpoint is unreadable: {exc}"
+        if manifest is not None and store is not None and manifest.get("store") != store:
+            manifest, why = None, f"the checkpoint in {checkpoint_dir} was written by another store"
+        if manifest is not None and (manifest["num_shards"], manifest["block_bytes"]) != (num_shards, block_bytes):
+            manifest, why = None, f"the checkpoint in {checkpoint_dir} has another layout"
+        if manifest is None:
+            self._lost_because = why
+            log.error("shard %d restarted and cannot recover: %s", self.shard_id, why)
             return
         layout = Layout(HashPartitioner(num_shards, block_bytes=block_bytes))
         for key in manifest["keys"]:
             layout.add(key["name"], tuple(key["shape"]), np.dtype(key["dtype"]))
         mine = layout.state_message(self.shard_id, params, state, {k["name"]: k["step"] for k in manifest["keys"]})
         meta = manifest.get("shards", [{}] * num_shards)[self.shard_id]
-        self._load(mine, {"version": meta.get("version", 0), "last_seq": meta.get("last_seq", {})})
+        self._load(mine, {"version": meta.get("version", 0), "applied": meta.get("applied", {})})
         self._restored_step = manifest["step"]
         self._restored_from = "checkpoint"
         self._replica_in_sync = False  # the replica (if any) has other state: the next change sends it this
@@ -200,8 +213,8 @@ class ParameterShard:
 
     def _check_alive(self) -> None:
         if self._restarted and self._restored_from is None:
-            raise ShardUnavailableError(f"shard {self.shard_id} restarted without a usable checkpoint or replica: "
-                                        "its parameters are lost")
+            raise ShardUnavailableError(f"shard {self.shard_id} restarted and its parameters are lost: "
+                                        f"{self._lost_because}")
         if self._blank:
             raise ShardUnavailableError(f"replica of shard {self.shard_id} restarted and has no state yet")
 
@@ -211,7 +224,7 @@ class ParameterShard:
         self._register({dt: (keys, sizes, data) for dt, (keys, sizes, data, _, _) in groups.items()})
         self._load_state({dt: (state, steps) for dt, (_, _, _, state, steps) in groups.items()})
         self._version = int(meta["version"])
-        self._last_seq = dict(meta["last_seq"])
+        self._applied = AppliedRecord.from_json(meta["applied"])
 
     def register(self, message: dict) -> None:
         """Append new segments: ``{dtype: (keys, sizes, data)}``. Raises ``ValueError``.
@@ -251,20 +264,23 @@ class ParameterShard:
     def push_mean(self, tag: tuple | None, *messages: dict) -> int:
         """Apply the mean of one or more pushes (sync mode sends W) as one update.
 
-        ``tag`` is ``(client, seq, base_version)`` (any may be None) or None.
-        A push whose ``seq`` is not above the last one applied for ``client``
-        is a retry and is skipped. ``base_version``: the shard version the
-        gradient was computed at, to record staleness. A message may also
-        come as an ObjectRef to one (a large push to a replicated shard): the
-        ref goes on to the replica unopened, so both fetch the data at once.
+        ``tag``: a :class:`~shardps.dedup.Tag` (or the same fields as a
+        tuple, or None). A push whose (client, seq) was applied before is a
+        re-send and is skipped (exactly once, see :mod:`shardps.dedup`).
+        A message may also come as an ObjectRef to one (a large push to a
+        replicated shard): the ref goes on to the replica unopened, so both
+        fetch the data at once.
 
         Blocks until the replica (if any) applied the push too. Returns the
         shard version after the push. Raises ``ValueError`` for a malformed
-        message, before anything changes.
+        message, before anything changes; :class:`ShardUnavailableError`
+        when this shard lost keys the client knows (restarted from a
+        checkpoint older than them).
         """
         self._check_alive()
-        client, seq, base_version = tag or (None, None, None)
-        if client is not None and seq <= self._last_seq.get(client, -1):
+        tag = Tag(*tag) if tag else Tag()
+        self._check_segments(tag.segments)
+        if tag.client is not None and not self._applied.is_new(tag.client, tag.seq, tag.floor):
             return self._version
         # the replica works while this shard does; a message sent as a ref travels to both at once.
         # Should it be malformed, the replica rejects it too and changes nothing.
@@ -277,14 +293,29 @@ class ParameterShard:
                     state = {name: buf[a:b] for name, buf in group.state.items()}
                     self._optimizer.apply(group.params[a:b], grad[a - lo:b - lo], state, step)
             group.steps[ids] += 1
-        if client is not None:
-            self._last_seq[client] = seq
-        if base_version is not None:
-            self._staleness[max(0, self._version - base_version)] += 1  # < 0 only after a restore
+        if tag.client is not None:
+            self._applied.add(tag.client, tag.seq)
+        if tag.base_version is not None:
+            self._staleness[max(0, self._version - tag.base_version)] += 1  # < 0 only after a restore
         self._version += 1
         self._pushes += 1
         self._mirror_wait(pending)
         return self._version
+
+    def _check_segments(self, expected: int | None) -> None:
+        """Raise if this shard holds fewer segments than the client expects (``None``: not checked).
+
+        More is fine: a Router copy made before later registrations knows fewer keys.
+        """
+        held = sum(len(g.sizes) for g in self._groups.values())
+        if expected is None or held >= expected:
+            return
+        if self._restored_from == "checkpoint":
+            raise ShardUnavailableError(
+                f"shard {self.shard_id} restarted from the checkpoint at step {self._restored_step}, which lacks "
+                f"{expected - held} of its key segments (registered after that save): their parameters are lost")
+        raise ValueError(f"shard {self.shard_id} holds {held} key segments but the router expects {expected}: "
+                         "was a key registered by another store or a Router copy?")
 
     def push_mean_refs(self, tag: tuple | None, refs: list) -> int:
         """:meth:`push_mean` of messages given as ObjectRefs, fetched here (inside a list Ray does not resolve them).
@@ -334,9 +365,15 @@ class ParameterShard:
             raise ValueError(f"shard {self.shard_id}: push message does not match its {group.dtype} segments")
         return parts
 
-    def pull(self, request: dict | None = None) -> tuple[int, dict]:
-        """Current values: ``(version, {dtype: data})``; ``None`` asks for everything."""
+    def pull(self, packet: tuple = (None, None)) -> tuple[int, dict]:
+        """Current values: ``packet = (segments, request)`` -> ``(version, {dtype: data})``.
+
+        ``request``: ``{dtype: segment ids or None}``, ``None`` for everything;
+        ``segments``: what the client expects this shard to hold (see :meth:`push_mean`).
+        """
         self._check_alive()
+        expected, request = packet
+        self._check_segments(expected)
         if request is None:
             request = dict.fromkeys(self._groups)
         out = {}
@@ -356,19 +393,20 @@ class ParameterShard:
         tag, message, request = packet
         if message is not None:
             self.push_mean(tag, message)
-        return self.pull(request) if request is not None else (self._version, {})
+        segments = Tag(*tag).segments if tag else None
+        return self.pull((segments, request)) if request is not None else (self._version, {})
 
     def export(self) -> tuple[dict, dict]:
         """Everything this shard holds: ``({dtype: (keys, sizes, params, {slot: state}, steps)}, meta)``.
 
         One entry per segment in ``keys``, ``sizes`` and ``steps`` (the
         format of :meth:`Layout.state_message`). ``meta`` is ``{"version",
-        "last_seq"}``, so a restarted shard keeps skipping pushes it had
-        already applied.
+        "applied"}`` (the :class:`~shardps.dedup.AppliedRecord` as JSON), so
+        a restarted shard keeps skipping pushes it had already applied.
         """
         self._check_alive()
         groups = {dt: (list(g.keys), g.sizes, g.params, g.state, g.steps) for dt, g in self._groups.items()}
-        return groups, {"version": self._version, "last_seq": dict(self._last_seq)}
+        return groups, {"version": self._version, "applied": self._applied.to_json()}
 
     # ---- replication ---------------------------------------------------
     _MIRRORED = ("register", "push_mean", "load_state")

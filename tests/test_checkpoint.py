@@ -1,5 +1,8 @@
 """Checkpoints: exact round trip, re-sharding, atomic saves, clear errors on bad files."""
 import json
+import os
+import signal
+import warnings
 
 import numpy as np
 import pytest
@@ -75,10 +78,41 @@ def test_keeps_only_the_newest_checkpoints(make_ps, tmp_path):
     ps = trained_store(make_ps, 1, steps=1)
     for step in (1, 2, 3):
         ps.save(tmp_path, step=step, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")) == ["ckpt-00000002", "ckpt-00000003"]
+    assert sorted(p.name[:13] for p in tmp_path.iterdir() if p.name.startswith("ckpt")) == ["ckpt-00000002",
+                                                                                            "ckpt-00000003"]
     newest = ps.save(tmp_path, step=0, keep=2)  # a new run reusing the folder: its save is never deleted
     assert checkpoint.latest(tmp_path) == newest and newest.is_dir()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")) == ["ckpt-00000000", "ckpt-00000003"]
+    assert sorted(p.name[:13] for p in tmp_path.iterdir() if p.name.startswith("ckpt")) == ["ckpt-00000000",
+                                                                                            "ckpt-00000003"]
+
+
+@pytest.mark.parametrize("crash_at", [0, 1])
+def test_resaving_the_same_step_is_crash_safe_at_every_rename(make_ps, tmp_path, monkeypatch, crash_at):
+    """``save(path)`` twice with the default step: a crash at either rename (folder, then LATEST) leaves
+    LATEST naming a complete checkpoint, the old one. (It used to delete the old folder first.)"""
+    ps = trained_store(make_ps, 2)
+    ps.save(tmp_path)
+    before = ps.pull()
+    ps.push({"b": np.ones(70, np.float32)})
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) - 1 == crash_at:
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="power cut"):
+        ps.save(tmp_path)
+    monkeypatch.undo()
+    _, params, _ = checkpoint.read(tmp_path)
+    for key in SHAPES:
+        np.testing.assert_array_equal(params[key], before[key])
+    after = ps.pull()
+    ps.save(tmp_path)  # and a later save of the same step wins
+    _, params, _ = checkpoint.read(tmp_path)
+    np.testing.assert_array_equal(params["b"], after["b"])
 
 
 def _corrupt_truncated(folder):
@@ -119,8 +153,50 @@ def _not_json(folder):
     return "manifest.json"
 
 
+def _edit_manifest(folder, edit):
+    m = json.loads((folder / "manifest.json").read_text())
+    edit(m)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return "manifest.json"
+
+
+def _unknown_optimizer_field(folder):
+    return _edit_manifest(folder, lambda m: m["optimizer"].update(warp=9))
+
+
+def _absurd_shard_count(folder):
+    return _edit_manifest(folder, lambda m: m.update(num_shards=10**9))
+
+
+def _fifo_manifest(folder):
+    (folder / "manifest.json").unlink()
+    os.mkfifo(folder / "manifest.json")  # reading it would block forever
+    return "manifest.json"
+
+
+def _npy_header(shape) -> bytes:
+    """A .npy file's header alone, declaring ``shape`` float32: its data is missing."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return np.lib.format.magic(1, 0) + buf.getvalue()
+
+
+def _huge_declared_array(folder):
+    """Manifest and header agree on 10^12 floats (4 TB): refused before allocating anything."""
+    import zipfile
+
+    _edit_manifest(folder, lambda m: m["keys"][0].update(shape=[10**12]))
+    with zipfile.ZipFile(folder / "arrays.npz", "a") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        z.writestr("p0.npy", _npy_header((10**12,)))  # a second p0.npy; either one must be refused
+    return "arrays.npz"
+
+
 @pytest.mark.parametrize("corrupt", [_corrupt_truncated, _corrupt_shape, _corrupt_manifest_field, _pickled_array,
-                                     _escaping_latest, _not_json])
+                                     _escaping_latest, _not_json, _unknown_optimizer_field, _absurd_shard_count,
+                                     _fifo_manifest, _huge_declared_array])
 def test_bad_checkpoint_gives_clear_error_and_starts_nothing(make_ps, tmp_path, corrupt):
     folder = trained_store(make_ps, 1, steps=1).save(tmp_path)
     culprit = corrupt(folder)
@@ -128,6 +204,18 @@ def test_bad_checkpoint_gives_clear_error_and_starts_nothing(make_ps, tmp_path, 
     with pytest.raises(ValueError, match=culprit):
         shardps.restore(tmp_path)
     assert ray.util.placement_group_table() == groups_before
+
+
+def test_members_the_manifest_does_not_name_are_never_read(make_ps, tmp_path):
+    """An extra member (here one declaring 10^12 floats, which np.load would try to allocate) is ignored."""
+    import zipfile
+
+    ps = trained_store(make_ps, 1, steps=1)
+    folder = ps.save(tmp_path)
+    with zipfile.ZipFile(folder / "arrays.npz", "a") as z:
+        z.writestr("extra.npy", _npy_header((10**12,)))
+    _, params, _ = checkpoint.read(tmp_path)
+    assert set(params) == set(SHAPES)
 
 
 def test_missing_checkpoint_is_file_not_found(tmp_path):
@@ -157,5 +245,47 @@ def test_restarted_shard_rebuilds_exactly_its_own_part(make_ps, tmp_path):
                     np.testing.assert_array_equal(got[dtype][4], steps)
                     for slot in state:
                         np.testing.assert_array_equal(got[dtype][3][slot], state[slot])
+    finally:
+        restored.shutdown()
+
+
+def _kill_and_wait(shard) -> None:
+    """SIGKILL a shard (pid from its stats) and block until Ray restarted it."""
+    os.kill(ray.get(shard.stats.remote())["pid"], signal.SIGKILL)
+    ray.get(shard.ping.remote(), timeout=120)
+
+
+def test_restarted_shard_refuses_another_stores_checkpoint(make_ps, tmp_path):
+    other = make_ps(1, optimizer=shardps.SGD(lr=-1.0), checkpoint_dir=tmp_path, max_restarts=1)
+    other.register({"w": np.full(4, 42, np.float32)})
+    other.save(tmp_path)
+    mine = make_ps(1, checkpoint_dir=tmp_path, max_restarts=1)  # same folder, nothing saved yet
+    mine.register({"w": np.zeros(4, np.float32)})
+    _kill_and_wait(mine.shards[0])
+    with pytest.raises(shardps.ShardUnavailableError, match="another store"):
+        mine.pull(["w"])  # it used to answer with the other store's 42s
+
+
+def test_restarted_shard_missing_keys_registered_after_the_save_says_so(make_ps, tmp_path):
+    ps = make_ps(1, checkpoint_dir=tmp_path, max_restarts=1)
+    ps.register({"a": np.ones(4, np.float32)})
+    ps.save(tmp_path, step=7)
+    ps.register({"b": np.ones(4, np.float32)})
+    _kill_and_wait(ps.shards[0])
+    for call in (lambda: ps.pull(["a"]), lambda: ps.push({"a": np.ones(4, np.float32)})):
+        with pytest.raises(shardps.ShardUnavailableError, match="checkpoint at step 7, which lacks"):
+            call()
+
+
+def test_restored_store_keeps_its_identity_for_restarts(make_ps, tmp_path):
+    ps = trained_store(make_ps, 1)
+    ps.save(tmp_path)
+    restored = shardps.restore(tmp_path, checkpoint_dir=tmp_path, max_restarts=1)
+    try:
+        want = restored.pull()
+        _kill_and_wait(restored.shards[0])
+        got = restored.pull()  # reloaded its own (restored) store's checkpoint
+        for key in SHAPES:
+            np.testing.assert_array_equal(got[key], want[key])
     finally:
         restored.shutdown()

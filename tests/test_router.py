@@ -1,5 +1,8 @@
 """The Router on real shard actors: oracle equivalence, concurrency, bad input."""
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -140,6 +143,59 @@ def test_float64_gradient_cast_to_registered_float32(make_ps):
     np.testing.assert_array_equal(ps.pull()["b"], np.array([-1, -2, -3], np.float32))
 
 
+def test_pull_of_a_key_named_twice_gives_its_values(make_ps):
+    ps = make_ps(2, block_bytes=BLOCK)
+    ps.register(params())
+    got = ps.pull(["emb", "b", "emb", "b"])  # emb is split over both shards
+    assert list(got) == ["emb", "b"]
+    for key in ("emb", "b"):
+        np.testing.assert_array_equal(got[key], params()[key])
+
+
+def test_store_used_after_shutdown_fails_at_once(ray_session):
+    ps = shardps.launch(1)
+    ps.register({"b": np.zeros(3, np.float32)})
+    ps.shutdown()
+    for call in (lambda: ps.pull(), lambda: ps.push({"b": np.ones(3, np.float32)}), ps.stats):
+        with pytest.raises(shardps.ShardUnavailableError, match="shut down"):
+            call()
+
+
+def test_two_stores_in_one_process_keep_their_ray_and_never_start_one_implicitly():
+    """In a fresh process, where launch() starts Ray itself."""
+    script = """
+import numpy as np, ray, shardps
+a = shardps.launch(1, num_cpus=1)
+b = shardps.launch(1)
+a.shutdown()
+b.register({"w": np.zeros(2, np.float32)})
+b.push({"w": np.ones(2, np.float32)})
+assert ray.is_initialized()
+b.shutdown()
+assert not ray.is_initialized()
+try:
+    a.pull()
+except shardps.ShardUnavailableError:
+    pass
+assert not ray.is_initialized()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_only_the_owner_registers(make_ps):
+    ps = make_ps(2)
+    ps.register({"x": np.zeros(3, np.float32)})
+    copy = pickle.loads(pickle.dumps(ps))
+    with pytest.raises(RuntimeError, match="only allowed on the Router that launch"):
+        copy.register({"y": np.zeros(3, np.float32)})
+    ps.register({"y": np.zeros(3, np.float32)})
+    ps.push({"y": np.ones(3, np.float32)})
+    np.testing.assert_array_equal(ps.pull(["x"])["x"], np.zeros(3, np.float32))
+
+
 def test_unknown_key_in_pull_names_it(make_ps):
     ps = make_ps(2)
     ps.register({"b": np.zeros(3, np.float32)})
@@ -155,6 +211,7 @@ def test_unknown_key_in_pull_names_it(make_ps):
     ({"e": np.zeros((0, 3), np.float32)}, ValueError),  # no elements
     ({"n": np.array([np.nan], np.float32)}, ValueError),
     ({3: np.zeros(3, np.float32)}, TypeError),
+    ({"ok": np.zeros(3, np.float32), "\ud800": np.zeros(3, np.float32)}, ValueError),  # not UTF-8: no phantom key
 ])
 def test_bad_register_raises_and_changes_nothing(make_ps, values, error):
     ps = make_ps(2)
@@ -166,7 +223,8 @@ def test_bad_register_raises_and_changes_nothing(make_ps, values, error):
 
 
 @pytest.mark.parametrize("kwargs", [{"num_shards": 0}, {"num_shards": 2, "block_bytes": 0},
-                                    {"num_shards": 2, "optimizer": "sgd"}])
+                                    {"num_shards": 2, "optimizer": "sgd"}, {"num_shards": True},
+                                    {"num_shards": 1, "block_bytes": True}, {"num_shards": 1, "max_restarts": True}])
 def test_bad_launch_arguments_rejected_before_anything_starts(ray_session, kwargs):
     before = ray.util.placement_group_table()
     with pytest.raises(ValueError):

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from shardps import SGD, Adam, ParameterShard
+from shardps.dedup import Tag
 from shardps.wire import from_wire
 
 F32 = np.dtype(np.float32).str
@@ -10,7 +11,7 @@ F32 = np.dtype(np.float32).str
 
 def pulled(shard, request=None):
     """The shard's float32 values for ``request``, decoded as the router would."""
-    return from_wire(shard.pull(request)[1][F32], np.float32)
+    return from_wire(shard.pull((None, request))[1][F32], np.float32)
 
 
 def shard_with(sizes, optimizer=None):
@@ -76,9 +77,9 @@ def test_adam_step_counts_per_segment():
 def test_staleness_recorded_from_base_version():
     shard, _ = shard_with([1])
     msg = {F32: (None, np.ones(1, np.float32))}
-    shard.push_mean((None, None, 0), msg)
-    shard.push_mean((None, None, 0), msg)
-    shard.push_mean((None, None, 2), msg)
+    shard.push_mean(Tag(base_version=0), msg)
+    shard.push_mean(Tag(base_version=0), msg)
+    shard.push_mean(Tag(base_version=2), msg)
     assert shard.stats()["staleness"] == {0: 2, 1: 1}
 
 

@@ -9,6 +9,7 @@ import ray
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from shardps.handle import wait_alive
 from shardps.trainers.clock import StepClock
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ def run_async(ps, workers: list, start: int, steps: int, on_step, config,
                         raise
                     restarts[i] += 1
                     log.warning("worker %d died at step %d; restarting it", i, start + progress["done"][i])
+                    wait_alive(workers[i].pid)  # a call sent while Ray restarts it would fail: one death, once
+                    progress = ray.get(clock.progress.remote())
                     runs[launch_run(i, progress["done"][i])] = i
             losses.extend(progress["losses"])
             step = start + sum(progress["done"]) / len(workers)
