@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
+import threading
 
 from shardps.config import MODES, TrainConfig
 from shardps.data import DATASETS
@@ -96,8 +98,8 @@ def _run_train(args, parser) -> int:
     from shardps.trainers import train  # imports TensorFlow: only after the flags are good
 
     reporter = _Reporter(enabled=True)
-    try:
-        history = train(config, progress=reporter)
+    try:  # Ray's init installs its own SIGTERM handler: put ours back once the run is up
+        history = train(config, progress=reporter, on_start=lambda ps, workers: _end_on_sigterm())
     finally:
         reporter.close()
     summary = history.summary()
@@ -145,20 +147,38 @@ def _protect_local_ray(args) -> None:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the same clean-up runs."""
+
+
+def _end_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise _Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``shardps`` console script; returns the exit status."""
+    """Entry point of the ``shardps`` console script; returns the exit status.
+
+    0 done, 1 a run-time error (message on stderr), 2 bad flags, 130 Ctrl-C,
+    143 SIGTERM; the last two after removing every actor started.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
     parser = build_parser()
     args = parser.parse_args(argv)
     if "ray" not in sys.modules:
         _protect_local_ray(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _end_on_sigterm()
     try:
         return args.run(args, args.parser)
-    except KeyboardInterrupt:
-        print("interrupted: shards and workers removed", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError) as exc:
+    except KeyboardInterrupt as exc:
+        print(f"{'terminated' if isinstance(exc, _Terminated) else 'interrupted'}: shards and workers removed",
+              file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    except (ValueError, FileNotFoundError, ConnectionError) as exc:
         print(f"shardps: error: {exc}", file=sys.stderr)
         return 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import uuid
 
 import ray
@@ -36,6 +37,7 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
+        _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
     else:
         num_cpus = num_cpus or os.cpu_count() or 1
@@ -43,6 +45,25 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
         with _loopback_only():
             ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
     return True
+
+
+CONNECT_TIMEOUT_S = 10.0  # for the first contact with a cluster's head
+
+
+def _check_reachable(address: str) -> None:
+    """Raise ``ConnectionError`` at once if nothing listens at a ``host:port`` address.
+
+    Ray itself keeps retrying an unreachable head for minutes; other forms
+    (``auto``, ``ray://...``) are left to Ray.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): "
+                              "start one with `ray start --head` or check --address") from None
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 from shardps.data import DATASETS
@@ -55,8 +56,14 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         if self.steps is not None:
             _positive_int("steps", self.steps)
-        if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
-            raise ValueError(f"Argument `epochs` must be positive. Received: {self.epochs!r}")
+        if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs)
+                                            and self.epochs > 0):
+            raise ValueError(f"Argument `epochs` must be a positive finite number. Received: {self.epochs!r}")
+        if self.num_cpus is not None:
+            _positive_int("num_cpus", self.num_cpus)
+        if self.checkpoint_dir is not None and os.path.exists(self.checkpoint_dir) \
+                and not os.path.isdir(self.checkpoint_dir):
+            raise ValueError(f"Argument `checkpoint_dir` must be a folder. Received a file: {self.checkpoint_dir!r}")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("Give `steps` or `epochs`, not both")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):

@@ -19,3 +19,21 @@ def descendants(pid: int) -> set[int]:
             found.add(child)
             todo.append(child)
     return found
+
+
+def named(prefix: str, below: int | None = None) -> list[int]:
+    """Live processes below ``below`` (default: this one) whose command line starts with ``prefix``.
+
+    Ray names a busy actor's process ``ray::Class.method``: this finds an
+    actor's pid without calling it (a busy actor answers only after its call).
+    """
+    found = []
+    for pid in sorted(descendants(os.getpid() if below is None else below)):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline.startswith(prefix):
+            found.append(pid)
+    return found

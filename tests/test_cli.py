@@ -17,6 +17,8 @@ from tests.procs import descendants
     ["train", "--dataset", "imagenet"], ["train", "--staleness", "2"], ["train", "--mode", "ssp", "--staleness", "-1"],
     ["train", "--steps", "10", "--epochs", "1"], ["train", "--num-workers", "x"], ["train", "--replicas", "3"],
     ["train", "--max-restarts", "-1"], ["train", "--replicas", "2", "--max-restarts", "0"],
+    ["train", "--epochs", "inf"], ["train", "--epochs", "nan"], ["train", "--num-cpus", "-1"],
+    ["train", "--checkpoint-dir", __file__],  # a file, not a folder
 ])
 def test_bad_flags_exit_2_before_ray_starts(monkeypatch, capsys, argv):
     monkeypatch.setattr("shardps.cluster.start_ray", lambda *a, **k: pytest.fail("Ray started"))
@@ -48,7 +50,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_ctrl_c_leaves_no_process_behind(tmp_path):
+def test_unreachable_address_fails_fast_with_a_clear_message(tmp_path):
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "shardps.cli", "train", "--model", "mlp", "--dataset", "digits", "--steps", "1",
+         "--address", "127.0.0.1:9"],  # the discard port: nothing listens there
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "no Ray cluster answers at 127.0.0.1:9" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert time.monotonic() - started < 60  # Ray alone kept retrying for minutes
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_interrupt_leaves_no_process_behind(tmp_path, signum, status):
     proc = subprocess.Popen(
         [sys.executable, "-m", "shardps.cli", "train", "--model", "mlp", "--dataset", "digits", "--steps", "100000",
          "--num-shards", "2", "--num-cpus", "2", "--eval-every", "5"],
@@ -60,8 +75,8 @@ def test_ctrl_c_leaves_no_process_behind(tmp_path):
                 break
         started = descendants(proc.pid)
         assert started, "Ray processes should be running under the CLI"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130
+        proc.send_signal(signum)
+        assert proc.wait(timeout=120) == status
     finally:
         proc.kill()
     deadline = time.monotonic() + 60

@@ -12,6 +12,7 @@ import ray
 
 from shardps.config import TrainConfig
 from shardps.trainers import train
+from tests.procs import named
 
 
 def _train_and_kill(config, victim=None, delays=None):
@@ -43,7 +44,10 @@ def _shard0(ps, workers):
 
 
 def _worker0(ps, workers):
-    return ray.get(workers[0].pid.remote())
+    """A training worker's pid, read from /proc: asking the busy actor would wait until its run() returned."""
+    busy = named("ray::Worker")
+    assert busy, "no worker process found"
+    return busy[0]
 
 
 _DELAYS = {"sync": None, "async": [0.01, 0.01]}  # async: slow enough for the driver to see 40% before the end
@@ -72,6 +76,22 @@ def test_worker_killed_mid_training_run_completes(ray_session, tmp_path, mode):
     history = _train_and_kill(_config(mode, tmp_path, "w", steps=100), _worker0, delays=_DELAYS[mode])
     assert history.steps == 100 and history.final_accuracy > 0.5
     assert history.recoveries == []  # no shard was touched
+
+
+def test_async_workers_killed_three_times_use_one_restart_each(ray_session, tmp_path):
+    """Each death counts once: resubmitting to a worker that Ray is still restarting used to burn restarts."""
+    config = _config("async", tmp_path, "w3", steps=100)
+    kills = []
+
+    def progress(event):
+        if len(kills) < 3 and event["step"] >= (len(kills) + 1) * 0.25 * config.steps:
+            pid = _worker0(None, None)
+            os.kill(pid, signal.SIGKILL)
+            kills.append(pid)
+
+    history = train(config, progress=progress, step_delays=_DELAYS["async"])
+    assert len(kills) == 3
+    assert history.steps == 100 and history.final_accuracy > 0.5
 
 
 @pytest.fixture(scope="module")
