@@ -12,7 +12,7 @@ __all__ = [
 ]
 
 _HOME = {
-    "launch": "shardps.cluster", "restore": "shardps.checkpoint", "Router": "shardps.router",
+    "launch": "shardps.cluster", "restore": "shardps.cluster", "Router": "shardps.router",
     "Handle": "shardps.handle", "HashPartitioner": "shardps.partition", "ParameterShard": "shardps.shard",
     "SGD": "shardps.optim", "Momentum": "shardps.optim", "Adam": "shardps.optim", "Adagrad": "shardps.optim",
     "ShardUnavailableError": "shardps.errors", "train": "shardps.trainers", "TrainConfig": "shardps.config",

@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from shardps.dedup import AppliedRecord
+from shardps.optim import optimizer_config, optimizer_from_config
+
 FORMAT, VERSION = "shardps-checkpoint", 2  # 2: store id, exact applied-push records (1 is still read)
 _LATEST = "LATEST"
 _NAME = re.compile(r"^ckpt-\d{8}(-[0-9a-f]{8})?$")
@@ -46,8 +49,6 @@ def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Pa
 
     Blocks until written. Keeps the newest ``keep`` checkpoints in ``path``.
     """
-    from shardps.optim import optimizer_config
-
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     exports = router.call_each(lambda shard: shard.export.remote())
@@ -58,12 +59,12 @@ def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Pa
         slots = {}
         seg_step = 0
         for seg in spec.segments:
-            _, _, params, state, steps = exports[seg.shard][0][spec.dtype.str]
-            flat[seg.start:seg.stop] = params[seg.offset:seg.offset + seg.size]
-            for slot, buf in state.items():
+            held = exports[seg.shard][0][spec.dtype.str]
+            flat[seg.start:seg.stop] = held.params[seg.offset:seg.offset + seg.size]
+            for slot, buf in held.state.items():
                 slots.setdefault(slot, np.empty(spec.size, spec.dtype))[seg.start:seg.stop] = \
                     buf[seg.offset:seg.offset + seg.size]
-            seg_step = int(steps[seg.index])
+            seg_step = int(held.steps[seg.index])
         arrays[f"p{i}"] = flat.reshape(spec.shape)
         arrays.update({f"s{i}.{slot}": buf.reshape(spec.shape) for slot, buf in slots.items()})
         keys.append({"name": name, "shape": list(spec.shape), "dtype": spec.dtype.str, "step": seg_step})
@@ -131,8 +132,6 @@ def read(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     if folder is None:
         raise FileNotFoundError(f"no checkpoint in {path} (no {_LATEST} or manifest.json)")
     manifest_path, arrays_path = folder / "manifest.json", folder / "arrays.npz"
-    from shardps.optim import optimizer_from_config
-
     manifest = _read_manifest(manifest_path)
     slots = optimizer_from_config(manifest["optimizer"]).slots()
     wanted = {}  # member -> (key, shape, dtype)
@@ -159,8 +158,6 @@ def _regular_file(path: Path, limit: int | None = None) -> None:
 
 def _read_manifest(path: Path) -> dict:
     """The manifest at ``path``, checked (its optimizer too); raises ``ValueError`` naming the file."""
-    from shardps.optim import optimizer_from_config
-
     _regular_file(path, MAX_MANIFEST_BYTES)
     try:
         manifest = json.loads(path.read_text())
@@ -207,8 +204,6 @@ def _memory_bytes() -> int:
 
 def _check_manifest(m, where: Path) -> None:
     """Raise ``ValueError`` naming ``where`` unless ``m`` is a well-formed manifest; upgrades format 1 in place."""
-    from shardps.dedup import AppliedRecord
-
     def bad(what):
         raise ValueError(f"{where}: invalid manifest: {what}")
 
@@ -257,35 +252,3 @@ def _check_manifest(m, where: Path) -> None:
 
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def restore(path: str | os.PathLike, num_shards: int | None = None, address: str | None = None, **launch_kwargs):
-    """Launch shards holding a checkpoint's parameters and optimizer state; returns the Router.
-
-    ``num_shards=None`` keeps the saved shard count; any other count
-    re-shards (values and optimizer state are identical). The checkpoint is
-    read and checked completely before any shard starts. Blocks until loaded.
-
-    Raises:
-        FileNotFoundError: no checkpoint at ``path``.
-        ValueError: a corrupt, truncated or inconsistent checkpoint (names the file).
-    """
-    return launch_from(*read(path), num_shards=num_shards, address=address, **launch_kwargs)
-
-
-def launch_from(manifest: dict, params: dict, state: dict, *, num_shards: int | None = None, **launch_kwargs):
-    """:func:`restore` from what :func:`read` returned. The new store keeps the checkpoint's store id."""
-    from shardps.cluster import launch
-    from shardps.optim import optimizer_from_config
-
-    launch_kwargs.setdefault("block_bytes", manifest["block_bytes"])
-    launch_kwargs.setdefault("store_id", manifest.get("store"))
-    ps = launch(num_shards or manifest["num_shards"], optimizer=optimizer_from_config(manifest["optimizer"]),
-                **launch_kwargs)
-    try:
-        ps.register(params)
-        ps.load_optimizer_state(state, {k["name"]: k["step"] for k in manifest["keys"]})
-    except BaseException:
-        ps.shutdown()
-        raise
-    return ps

@@ -1,4 +1,4 @@
-"""launch(): start or join Ray, place the shard actors, hand back a Router."""
+"""launch() and restore(): start or join Ray, place the shard actors, hand back a Router."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +11,9 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from shardps.optim import SGD
+from shardps import checkpoint
+from shardps.config import replication_restarts
+from shardps.optim import SGD, optimizer_from_config
 from shardps.partition import DEFAULT_BLOCK_BYTES, HashPartitioner, Layout
 from shardps.router import Router
 from shardps.shard import ParameterShard
@@ -142,14 +144,7 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
         array([-0.1, -0.1, -0.1], dtype=float32)
     """
     partitioner = HashPartitioner(num_shards, block_bytes=block_bytes)  # validates both
-    if replicas not in (1, 2) or isinstance(replicas, bool):
-        raise ValueError(f"Argument `replicas` must be 1 or 2. Received: {replicas!r}")
-    if max_restarts is None:
-        max_restarts = 3 if replicas == 2 else 0
-    if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) or max_restarts < 0:
-        raise ValueError(f"Argument `max_restarts` must be an integer >= 0. Received: {max_restarts!r}")
-    if replicas == 2 and max_restarts == 0:
-        raise ValueError("Argument `replicas=2` needs `max_restarts` >= 1: a shard is recovered by restarting it")
+    max_restarts = replication_restarts(replicas, max_restarts)
     optimizer = SGD(lr=0.01) if optimizer is None else optimizer
     if not hasattr(optimizer, "apply"):
         raise ValueError(f"Argument `optimizer` must be one of shardps.SGD/Momentum/Adam/Adagrad. Received: {optimizer!r}")
@@ -244,3 +239,32 @@ def pair_bundles(nodes: list[str], num_shards: int, replicas: int) -> tuple[list
         free.remove(pick)
         chosen.append(pick)
     return shards, chosen
+
+
+def restore(path: str | os.PathLike, num_shards: int | None = None, address: str | None = None, **launch_kwargs):
+    """Launch shards holding a checkpoint's parameters and optimizer state; returns the Router.
+
+    ``num_shards=None`` keeps the saved shard count; any other count
+    re-shards (values and optimizer state are identical). The checkpoint is
+    read and checked completely before any shard starts. Blocks until loaded.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: a corrupt, truncated or inconsistent checkpoint (names the file).
+    """
+    return launch_from(*checkpoint.read(path), num_shards=num_shards, address=address, **launch_kwargs)
+
+
+def launch_from(manifest: dict, params: dict, state: dict, *, num_shards: int | None = None, **launch_kwargs):
+    """:func:`restore` from what :func:`shardps.checkpoint.read` returned. The new store keeps the checkpoint's store id."""
+    launch_kwargs.setdefault("block_bytes", manifest["block_bytes"])
+    launch_kwargs.setdefault("store_id", manifest.get("store"))
+    ps = launch(num_shards or manifest["num_shards"], optimizer=optimizer_from_config(manifest["optimizer"]),
+                **launch_kwargs)
+    try:
+        ps.register(params)
+        ps.load_optimizer_state(state, {k["name"]: k["step"] for k in manifest["keys"]})
+    except BaseException:
+        ps.shutdown()
+        raise
+    return ps

@@ -68,12 +68,7 @@ class TrainConfig:
             raise ValueError("Give `steps` or `epochs`, not both")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"Argument `lr` must be a positive number. Received: {self.lr!r}")
-        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
-            raise ValueError(f"Argument `max_restarts` must be an integer >= 0. Received: {self.max_restarts!r}")
-        if self.replicas not in (1, 2) or isinstance(self.replicas, bool):
-            raise ValueError(f"Argument `replicas` must be 1 or 2. Received: {self.replicas!r}")
-        if self.replicas == 2 and self.max_restarts == 0:
-            raise ValueError("Argument `replicas=2` needs `max_restarts` >= 1: a shard is recovered by restarting it")
+        replication_restarts(self.replicas, self.max_restarts)
         if self.checkpoint_every is not None:
             _positive_int("checkpoint_every", self.checkpoint_every)
         if (self.checkpoint_every is not None or self.resume) and not self.checkpoint_dir:
@@ -101,6 +96,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def replication_restarts(replicas, max_restarts) -> int:
+    """Check a store's ``replicas`` (1 or 2) and ``max_restarts``; return the restarts in force.
+
+    ``max_restarts=None`` means 3 with a replica (recovery is a restart),
+    else 0 (a restarted shard without a replica needs a checkpoint).
+    Raises ``ValueError`` naming the argument.
+    """
+    if replicas not in (1, 2) or isinstance(replicas, bool):
+        raise ValueError(f"Argument `replicas` must be 1 or 2. Received: {replicas!r}")
+    if max_restarts is None:
+        return 3 if replicas == 2 else 0
+    if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) or max_restarts < 0:
+        raise ValueError(f"Argument `max_restarts` must be an integer >= 0. Received: {max_restarts!r}")
+    if replicas == 2 and max_restarts == 0:
+        raise ValueError("Argument `replicas=2` needs `max_restarts` >= 1: a shard is recovered by restarting it")
+    return max_restarts
 
 
 def _choice(name, value, allowed) -> None:

@@ -20,6 +20,7 @@ placement that needs no coordination and stays balanced as keys are added.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import xxhash
@@ -56,6 +57,16 @@ class KeySpec:
     @property
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
+
+
+class SegmentState(NamedTuple):
+    """What a shard holds of one dtype, one entry per segment in buffer order (export, restore, recovery)."""
+
+    keys: list[str]  # the key each segment belongs to
+    sizes: list[int] | np.ndarray  # elements per segment
+    params: np.ndarray | None  # the segments' parameters, concatenated (None: not carried)
+    state: dict[str, np.ndarray]  # optimizer slot -> values, concatenated like params
+    steps: np.ndarray  # optimizer steps applied per segment
 
 
 class HashPartitioner:
@@ -133,8 +144,8 @@ class Layout:
     def state_message(self, shard: int, params: dict | None, state: dict, steps: dict) -> dict:
         """What one shard holds of whole tensors, in its buffer order.
 
-        Returns ``{dtype: (keys, sizes, params or None, {slot: state}, steps per segment)}`` cut
-        from ``params`` (key -> array), ``state`` (key -> {slot: array}) and ``steps`` (key -> int).
+        Returns ``{dtype: SegmentState}`` cut from ``params`` (key -> array, or None),
+        ``state`` (key -> {slot: array}) and ``steps`` (key -> int).
         """
         def cut(segs, dtype, array_of):
             return np.concatenate([np.asarray(array_of(seg.key), dtype).reshape(-1)[seg.start:seg.stop]
@@ -143,10 +154,10 @@ class Layout:
         out = {}
         for dtype, segs in self.shard_segments[shard].items():
             slots = state[segs[0].key].keys()
-            out[dtype] = ([seg.key for seg in segs], [seg.size for seg in segs],
-                          None if params is None else cut(segs, dtype, params.__getitem__),
-                          {slot: cut(segs, dtype, lambda key, slot=slot: state[key][slot]) for slot in slots},
-                          np.array([steps[seg.key] for seg in segs], np.int64))
+            out[dtype] = SegmentState([seg.key for seg in segs], [seg.size for seg in segs],
+                                      None if params is None else cut(segs, dtype, params.__getitem__),
+                                      {slot: cut(segs, dtype, lambda key, slot=slot: state[key][slot]) for slot in slots},
+                                      np.array([steps[seg.key] for seg in segs], np.int64))
         return out
 
     def shard_bytes(self) -> list[int]:

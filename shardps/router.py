@@ -38,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import ray
 
+from shardps import checkpoint
 from shardps.dedup import Tag
 from shardps.errors import ShardUnavailableError
 from shardps.handle import Handle
@@ -212,8 +213,8 @@ class Router:
             spec = self.spec(key)
             if set(state[key]) != slots or any(np.shape(a) != spec.shape for a in state[key].values()):
                 raise ValueError(f"key {key!r}: optimizer state must have slots {sorted(slots)} of shape {spec.shape}")
-        messages = [{dt: (slot_data, seg_steps) for dt, (_, _, _, slot_data, seg_steps)
-                     in self._layout.state_message(shard, None, state, steps).items()}
+        messages = [{dt: (held.state, held.steps)
+                     for dt, held in self._layout.state_message(shard, None, state, steps).items()}
                     for shard in range(self.num_shards)]
         self.call_each(lambda shard, message: shard.load_state.remote(message), messages)
 
@@ -223,9 +224,7 @@ class Router:
         Blocks until written; returns the checkpoint's folder. Pushes that
         complete while the shards are being read may or may not be included.
         """
-        from shardps.checkpoint import save
-
-        return save(self, path, step=step, keep=keep)
+        return checkpoint.save(self, path, step=step, keep=keep)
 
     # ---- push ----------------------------------------------------------
     def push(self, values: Mapping[str, Any], *, wait: bool = True, timeout: float | None = None):
@@ -332,8 +331,6 @@ class Router:
         """
         if self._replicas is None:
             return messages
-        import ray
-
         return [ray.put(msg) if msg is not None and message_bytes(msg) > INLINE_BYTES else msg for msg in messages]
 
     def _validated(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:

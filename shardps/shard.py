@@ -29,8 +29,10 @@ from collections import Counter
 
 import numpy as np
 
+from shardps import checkpoint
 from shardps.dedup import AppliedRecord, Tag
 from shardps.errors import ShardUnavailableError
+from shardps.partition import HashPartitioner, Layout, SegmentState
 from shardps.wire import from_wire, to_wire
 
 log = logging.getLogger(__name__)
@@ -183,9 +185,6 @@ class ParameterShard:
         Only a checkpoint written by this store (``store``: its id) with the
         same layout is used; else the shard stays lost, saying why.
         """
-        from shardps import checkpoint
-        from shardps.partition import HashPartitioner, Layout
-
         manifest, why = None, f"there is no checkpoint in {checkpoint_dir}"
         try:
             if checkpoint_dir is not None and checkpoint.latest(checkpoint_dir) is not None:
@@ -221,8 +220,8 @@ class ParameterShard:
     def _load(self, groups: dict, meta: dict) -> None:
         """Replace everything held by ``groups`` (as :meth:`export` gives them) and ``meta``."""
         self._groups = {}
-        self._register({dt: (keys, sizes, data) for dt, (keys, sizes, data, _, _) in groups.items()})
-        self._load_state({dt: (state, steps) for dt, (_, _, _, state, steps) in groups.items()})
+        self._register({dt: (held.keys, held.sizes, held.params) for dt, held in groups.items()})
+        self._load_state({dt: (held.state, held.steps) for dt, held in groups.items()})
         self._version = int(meta["version"])
         self._applied = AppliedRecord.from_json(meta["applied"])
 
@@ -397,15 +396,15 @@ class ParameterShard:
         return self.pull((segments, request)) if request is not None else (self._version, {})
 
     def export(self) -> tuple[dict, dict]:
-        """Everything this shard holds: ``({dtype: (keys, sizes, params, {slot: state}, steps)}, meta)``.
+        """Everything this shard holds: ``({dtype: SegmentState}, meta)``.
 
-        One entry per segment in ``keys``, ``sizes`` and ``steps`` (the
-        format of :meth:`Layout.state_message`). ``meta`` is ``{"version",
+        The format of :meth:`Layout.state_message`. ``meta`` is ``{"version",
         "applied"}`` (the :class:`~shardps.dedup.AppliedRecord` as JSON), so
         a restarted shard keeps skipping pushes it had already applied.
         """
         self._check_alive()
-        groups = {dt: (list(g.keys), g.sizes, g.params, g.state, g.steps) for dt, g in self._groups.items()}
+        groups = {dt: SegmentState(list(g.keys), g.sizes, g.params, g.state, g.steps)
+                  for dt, g in self._groups.items()}
         return groups, {"version": self._version, "applied": self._applied.to_json()}
 
     # ---- replication ---------------------------------------------------

@@ -1,14 +1,39 @@
-"""One local Ray session for the whole test run."""
+"""One local Ray session for the whole test run, and the fast lane.
+
+Tests that start Ray (through the ``ray_session`` fixture), TensorFlow or a
+subprocess that does are marked ``slow``: ``pytest -m "not slow"`` runs the
+plain classes' unit tests alone, without Ray, in well under a minute.
+"""
 import os
 import shutil
+import signal
 import tempfile
 
-import numpy as np
 import pytest
 import ray
 
 import shardps
 from shardps.cluster import _loopback_only
+
+
+_SLOW_MODULES = {"test_multinode", "test_security"}  # every test there runs Ray in a subprocess
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_session" in item.fixturenames or item.module.__name__.rsplit(".", 1)[-1] in _SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_ray(request):
+    """In the fast lane, a test that started Ray (or TensorFlow) belongs in the slow one: fail it."""
+    yield
+    if request.node.get_closest_marker("slow") is None and request.config.getoption("markexpr") == "not slow":
+        import sys
+
+        assert "tensorflow" not in sys.modules, "a fast test imported TensorFlow: mark it slow"
+        assert not ray.is_initialized(), "a fast test started Ray: mark it slow"
 
 
 @pytest.fixture(scope="session")
@@ -51,5 +76,10 @@ MNIST_CNN_SHAPES = {
 }
 
 
-def random_params(rng, shapes, dtype=np.float32):
-    return {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+def kill_and_wait(actor) -> None:
+    """SIGKILL ``actor``'s process (pid from its ``stats()``), then block until Ray restarted it.
+
+    For shard actors: they retry calls (``max_task_retries``), so ``ping`` returns once the new one is up.
+    """
+    os.kill(ray.get(actor.stats.remote())["pid"], signal.SIGKILL)
+    ray.get(actor.ping.remote(), timeout=120)

@@ -1,7 +1,6 @@
 """Checkpoints: exact round trip, re-sharding, atomic saves, clear errors on bad files."""
 import json
 import os
-import signal
 import warnings
 
 import numpy as np
@@ -10,6 +9,7 @@ import ray
 
 import shardps
 from shardps import Adam, checkpoint
+from tests.conftest import kill_and_wait
 
 SHAPES = {"w": (300, 70), "b": (70,), "emb": (2000, 16)}
 
@@ -249,19 +249,13 @@ def test_restarted_shard_rebuilds_exactly_its_own_part(make_ps, tmp_path):
         restored.shutdown()
 
 
-def _kill_and_wait(shard) -> None:
-    """SIGKILL a shard (pid from its stats) and block until Ray restarted it."""
-    os.kill(ray.get(shard.stats.remote())["pid"], signal.SIGKILL)
-    ray.get(shard.ping.remote(), timeout=120)
-
-
 def test_restarted_shard_refuses_another_stores_checkpoint(make_ps, tmp_path):
     other = make_ps(1, optimizer=shardps.SGD(lr=-1.0), checkpoint_dir=tmp_path, max_restarts=1)
     other.register({"w": np.full(4, 42, np.float32)})
     other.save(tmp_path)
     mine = make_ps(1, checkpoint_dir=tmp_path, max_restarts=1)  # same folder, nothing saved yet
     mine.register({"w": np.zeros(4, np.float32)})
-    _kill_and_wait(mine.shards[0])
+    kill_and_wait(mine.shards[0])
     with pytest.raises(shardps.ShardUnavailableError, match="another store"):
         mine.pull(["w"])  # it used to answer with the other store's 42s
 
@@ -271,7 +265,7 @@ def test_restarted_shard_missing_keys_registered_after_the_save_says_so(make_ps,
     ps.register({"a": np.ones(4, np.float32)})
     ps.save(tmp_path, step=7)
     ps.register({"b": np.ones(4, np.float32)})
-    _kill_and_wait(ps.shards[0])
+    kill_and_wait(ps.shards[0])
     for call in (lambda: ps.pull(["a"]), lambda: ps.push({"a": np.ones(4, np.float32)})):
         with pytest.raises(shardps.ShardUnavailableError, match="checkpoint at step 7, which lacks"):
             call()
@@ -283,7 +277,7 @@ def test_restored_store_keeps_its_identity_for_restarts(make_ps, tmp_path):
     restored = shardps.restore(tmp_path, checkpoint_dir=tmp_path, max_restarts=1)
     try:
         want = restored.pull()
-        _kill_and_wait(restored.shards[0])
+        kill_and_wait(restored.shards[0])
         got = restored.pull()  # reloaded its own (restored) store's checkpoint
         for key in SHAPES:
             np.testing.assert_array_equal(got[key], want[key])

@@ -28,6 +28,7 @@ def test_bad_flags_exit_2_before_ray_starts(monkeypatch, capsys, argv):
     assert "usage: shardps train" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_json_summary_end_to_end(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "shardps.cli", "train", "--model", "mlp", "--dataset", "digits", "--steps", "30",
@@ -50,6 +51,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_unreachable_address_fails_fast_with_a_clear_message(tmp_path):
     started = time.monotonic()
     out = subprocess.run(
@@ -62,6 +64,7 @@ def test_unreachable_address_fails_fast_with_a_clear_message(tmp_path):
     assert time.monotonic() - started < 60  # Ray alone kept retrying for minutes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_interrupt_leaves_no_process_behind(tmp_path, signum, status):
     proc = subprocess.Popen(

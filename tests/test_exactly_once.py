@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import ray
 
-import shardps
 from shardps import SGD
+from tests.conftest import kill_and_wait
 
 SIZE = 20_000  # float32: split over both shards at this block size
 BLOCK = 16 * 1024
@@ -28,12 +28,6 @@ def store(make_ps):
     ps.register({"w": np.zeros(SIZE, np.float32)})
     assert {shard for shard, _, _ in ps.placement("w")} == {0, 1}
     return ps
-
-
-def _kill(actor) -> None:
-    """SIGKILL ``actor``'s process (read from its stats), then block until Ray restarted it."""
-    os.kill(ray.get(actor.stats.remote())["pid"], signal.SIGKILL)
-    ray.get(actor.ping.remote(), timeout=120)  # shards retry calls: this returns once it is back
 
 
 def _pipelined(ps, pushes: int, kill_at: dict[int, object], inflight: int = 2) -> None:
@@ -142,7 +136,7 @@ def test_exactly_once_under_threads_tasks_pipelining_and_repeated_kills(store):
         for victim in [store.shards[0], store.replicas[1], store.shards[1], store.replicas[0]]:
             pushed_more(20)
             resyncs = [s["resyncs"] for s in store.stats()]
-            _kill(victim)
+            kill_and_wait(victim)
             if victim in store.replicas:  # a restarted replica is blank until its shard's next push resyncs it
                 pushed_more(5)
                 shard = store.replicas.index(victim)

@@ -8,7 +8,6 @@ import signal
 
 import numpy as np
 import pytest
-import ray
 
 from shardps.config import TrainConfig
 from shardps.trainers import train

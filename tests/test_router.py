@@ -161,6 +161,7 @@ def test_store_used_after_shutdown_fails_at_once(ray_session):
             call()
 
 
+@pytest.mark.slow
 def test_two_stores_in_one_process_keep_their_ray_and_never_start_one_implicitly():
     """In a fresh process, where launch() starts Ray itself."""
     script = """

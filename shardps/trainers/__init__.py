@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import ray
 
 from shardps import checkpoint
-from shardps.cluster import SHARD_CPUS, launch
+from shardps.cluster import SHARD_CPUS, launch, launch_from
 from shardps.config import TrainConfig
 from shardps.data import Dataset, load, worker_split
 from shardps.models import build_model
@@ -104,7 +104,7 @@ def _open_store(config: TrainConfig, model):
             raise ValueError(f"checkpoint in {config.checkpoint_dir} holds {sorted(params)[:4]}..., "
                              f"not the weights of model {config.model!r}")
         log.warning("resuming from %s at step %d", checkpoint.latest(config.checkpoint_dir), manifest["step"])
-        ps = checkpoint.launch_from(manifest, params, state, num_shards=config.num_shards, **launch_kwargs)
+        ps = launch_from(manifest, params, state, num_shards=config.num_shards, **launch_kwargs)
         if manifest["num_shards"] != config.num_shards:  # a restarting shard needs a checkpoint of this layout
             _or_shutdown(ps, lambda: ps.save(config.checkpoint_dir, step=manifest["step"]))
         return ps, manifest["step"]

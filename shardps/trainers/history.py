@@ -1,7 +1,7 @@
 """What a training run reports: evaluation points and a summary."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,6 @@ class History:
             "num_workers": self.num_workers, "dataset": self.dataset, "staleness": self.staleness,
             "max_lead": self.max_lead, "start_step": self.start_step, "recoveries": self.recoveries,
         }
-
-    def to_dict(self) -> dict:
-        return {**self.summary(), "points": [asdict(p) for p in self.points]}
 
 
 def staleness_summary(shard_stats: list[dict]) -> dict:
