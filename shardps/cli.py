@@ -52,7 +52,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    help="2: mirror every shard on a replica actor; a crashed shard then loses nothing")
     p.add_argument("--max-restarts", type=int, default=d.max_restarts,
                    help="restarts per crashed worker or shard (shards: with --checkpoint-dir or --replicas 2)")
+    p.add_argument("--logdir", help="write TensorBoard event files to a new run folder here "
+                                     "(watch with: tensorboard --logdir DIR)")
     p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show what shardps, Ray and TensorFlow log")
     p.set_defaults(run=_run_train, parser=p)
     return p
 
@@ -111,6 +115,8 @@ def _run_train(args, parser) -> int:
         print(f"{config.mode}: {summary['steps']} steps on {summary['dataset']} with {config.num_shards} shards, "
               f"{config.num_workers} workers: test accuracy {summary['final_accuracy']:.4f}, "
               f"{summary['wall_s']:.1f} s, {summary['samples_per_s']:.0f} samples/s{stale}")
+    if history.logdir and not args.json:
+        print(f"TensorBoard: tensorboard --logdir {config.logdir}  (this run: {history.logdir})", file=sys.stderr)
     for rec in summary["recoveries"]:
         if rec["from"] == "replica":
             print(f"shard {rec['shard']} crashed and restarted from its replica: nothing was lost", file=sys.stderr)
@@ -165,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     0 done, 1 a run-time error (message on stderr), 2 bad flags, 130 Ctrl-C,
     143 SIGTERM; the last two after removing every actor started.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
     parser = build_parser()
     args = parser.parse_args(argv)
+    # TensorFlow's own switch for its C++ logging (and its start-up lines, see shardps.models); -v keeps them
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.verbose else "3")
     if "ray" not in sys.modules:
         _protect_local_ray(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")

@@ -180,10 +180,11 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
             return {"num_cpus": SHARD_CPUS, "resources": shard_resources or {}, "scheduling_strategy": strategy,
                     "max_restarts": max_restarts, "max_task_retries": -1 if max_restarts else 0}
 
+        names = [f"shardps-{uuid.uuid4().hex}-replica-{i}" for i in range(num_shards)]  # shards look them up
         for i, bundle_index in enumerate(replica_bundles):
-            copies.append(actor.options(**options(bundle_index)).remote(i, optimizer, is_replica=True))
+            copies.append(actor.options(name=names[i], **options(bundle_index)).remote(i, optimizer, is_replica=True))
         for i, bundle_index in enumerate(primary_bundles):
-            replica = copies[i] if copies else None
+            replica = names[i] if copies else None
             shards.append(actor.options(**options(bundle_index)).remote(i, optimizer, recovery=recovery,
                                                                          replica=replica))
         ray.get([shard.ping.remote() for shard in shards + copies], timeout=timeout)

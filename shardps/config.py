@@ -46,6 +46,7 @@ class TrainConfig:
     resume: bool = False  # start from the latest checkpoint in checkpoint_dir, if any
     max_restarts: int = 3  # per worker (and per shard, with checkpoint_dir or replicas) before the run fails
     replicas: int = 1  # 2: every shard mirrored on a replica actor, so a shard crash loses nothing
+    logdir: str | None = None  # TensorBoard event files go to a new run folder under it; None: none
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -61,9 +62,10 @@ class TrainConfig:
             raise ValueError(f"Argument `epochs` must be a positive finite number. Received: {self.epochs!r}")
         if self.num_cpus is not None:
             _positive_int("num_cpus", self.num_cpus)
-        if self.checkpoint_dir is not None and os.path.exists(self.checkpoint_dir) \
-                and not os.path.isdir(self.checkpoint_dir):
-            raise ValueError(f"Argument `checkpoint_dir` must be a folder. Received a file: {self.checkpoint_dir!r}")
+        for name in ("checkpoint_dir", "logdir"):
+            path = getattr(self, name)
+            if path is not None and os.path.exists(path) and not os.path.isdir(path):
+                raise ValueError(f"Argument `{name}` must be a folder. Received a file: {path!r}")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("Give `steps` or `epochs`, not both")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):

@@ -127,7 +127,9 @@ class ParameterShard:
             reloads its own part of the latest checkpoint (updates applied
             after that checkpoint are lost). With neither it comes back
             empty and every call raises :class:`ShardUnavailableError`.
-        replica: a ``ParameterShard`` actor that mirrors this one. Every
+        replica: a ``ParameterShard`` actor that mirrors this one, or the
+            name of one (looked up here: Ray warns about restartable actors
+            whose constructor receives actor handles). Every
             change (register, push, optimizer state) is applied here and sent
             to the replica (which applies changes in the order sent), and
             acknowledged only once the replica has applied it too; so an
@@ -151,6 +153,10 @@ class ParameterShard:
         self._pushes = 0
         self._pulls = 0
         self._staleness: Counter[int] = Counter()  # staleness -> pushes, when the client says
+        if isinstance(replica, str):
+            import ray
+
+            replica = ray.get_actor(replica)
         self._replica = replica
         self._replica_state = None if replica is None else "ok"
         self._resyncs = 0  # whole-state copies sent to a restarted replica

@@ -41,6 +41,42 @@ def test_train_json_summary_end_to_end(tmp_path):
     assert summary["steps"] == 30 and summary["mode"] == "sync" and summary["num_shards"] == 2
     assert summary["final_accuracy"] > 0.5  # 30 sync steps on digits learn something
     assert "step 30/30" in out.stderr  # plain progress lines when not on a terminal
+    assert all(line.startswith("step ") for line in out.stderr.splitlines()), out.stderr[-3000:]  # nothing else
+
+
+def _events(folder) -> dict[str, list[int]]:
+    """Tag -> steps of every scalar in a TensorBoard event file, read with TensorFlow's own reader."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    (path,) = folder.glob("events.out.tfevents.*")
+    tags: dict[str, list[int]] = {}
+    for record in tf.data.TFRecordDataset(str(path)):
+        event = event_pb2.Event.FromString(record.numpy())
+        for value in event.summary.value:
+            tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+@pytest.mark.slow
+def test_default_run_prints_progress_and_summary_only_and_writes_tensorboard(tmp_path):
+    """No TensorFlow or Ray start-up noise from any process (driver, shards, workers) on stdout or stderr."""
+    out = subprocess.run(
+        [sys.executable, "-m", "shardps.cli", "train", "--model", "mlp", "--dataset", "digits", "--steps", "20",
+         "--num-shards", "2", "--num-cpus", "2", "--eval-every", "10", "--logdir", str(tmp_path / "tb")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "TF_CPP"))})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = (out.stdout + out.stderr).splitlines()
+    assert [line for line in lines if not line.startswith(("step ", "sync: 20 steps", "TensorBoard: "))] == []
+    assert len([line for line in lines if line.startswith("step ")]) == 2
+    (run,) = (tmp_path / "tb").iterdir()  # one folder per run
+    tags = _events(run)
+    assert tags["loss"] == list(range(1, 21))  # every sync step
+    for tag in ["test/accuracy", "samples_per_s", "staleness/min", "staleness/mean", "staleness/max",
+                *[f"shard{s}/{f}" for s in (0, 1) for f in ("bytes", "pushes", "pulls")]]:
+        assert tags[tag] == [10, 20], tag  # every evaluation
 
 
 def _alive(pid: int) -> bool:

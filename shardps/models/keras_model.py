@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
-import keras
-from keras import layers
+
+from shardps.models import tensorflow_start_up_silenced
+
+with tensorflow_start_up_silenced():
+    import tensorflow as tf
+    import keras
+    from keras import layers
 
 
 def limit_tf_threads() -> None:

@@ -8,21 +8,19 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
-import ray
-
 from shardps import checkpoint
-from shardps.cluster import SHARD_CPUS, launch, launch_from
+from shardps.cluster import launch, launch_from
 from shardps.config import TrainConfig
-from shardps.data import Dataset, load, worker_split
+from shardps.data import Dataset, load
 from shardps.models import build_model
 from shardps.optim import OPTIMIZERS
 from shardps.trainers.history import EvalPoint, History, staleness_summary
-from shardps.trainers.worker import Worker
+from shardps.trainers.board import Board, shard_scalars
+from shardps.trainers.crew import Crew
 
 __all__ = ["train", "TrainConfig", "History", "EvalPoint"]
 log = logging.getLogger(__name__)
 
-WORKER_START_TIMEOUT_S = 300.0  # placing the workers and importing TensorFlow in them
 Progress = Callable[[dict], None]  # receives {"step", "total", "loss", and on evaluations "accuracy", ...}
 
 
@@ -47,7 +45,7 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
     copy their replica (nothing lost), else with ``checkpoint_dir`` they
     reload the latest checkpoint (what was pushed since is lost). Each
     restart is reported in ``History.recoveries``. Crashed workers are
-    restarted and carry on, up to ``max_restarts`` times each.
+    replaced and the run carries on, up to ``max_restarts`` times each.
 
     Returns:
         The :class:`History` of evaluations and the run's totals.
@@ -65,20 +63,25 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
     with ps:
         if start >= steps:
             raise ValueError(f"the checkpoint in {config.checkpoint_dir} is at step {start}: nothing left of {steps} steps")
-        workers, data_refs = _start_workers(ps, data, config)  # the refs must outlive any worker restart
+        crew = Crew(ps, data, config)
         if on_start is not None:
-            on_start(ps, workers)
+            on_start(ps, crew.actors)
+        board = None
         try:
-            on_step = _on_step(ps, model, data, config, history, progress)
+            if config.logdir:
+                board = Board(config.logdir, f"{config.mode}-{config.num_shards}shards")
+                history.logdir = str(board.path)
+            on_step = _on_step(ps, model, data, config, history, progress, board)
             if config.mode == "sync":
                 from shardps.trainers.sync import run_sync
-                run_sync(ps, workers, start, steps, on_step, config)
+                run_sync(ps, crew, start, steps, on_step, config)
             else:
                 from shardps.trainers.async_ import run_async
-                history.max_lead = run_async(ps, workers, start, steps, on_step, config, step_delays)
+                history.max_lead = run_async(ps, crew, start, steps, on_step, config, step_delays)
         finally:
-            for worker in workers:
-                ray.kill(worker)
+            crew.remove()
+            if board is not None:
+                board.close()
         stats = ps.stats()
         history.staleness = staleness_summary(stats)
         history.recoveries = [{"shard": s["shard"], "from": s["restored_from"], "step": s["restored_step"]}
@@ -131,36 +134,9 @@ def _or_shutdown(ps, action: Callable[[], None]) -> None:
         raise
 
 
-def _start_workers(ps, data: Dataset, config: TrainConfig) -> tuple[list, list]:
-    """One Worker actor per part of the training data, spread over the cluster.
-
-    Returns the workers and the object refs of their data: keep the refs
-    alive while the workers may restart (Ray re-runs ``__init__`` with them).
-    """
-    total_cpus = ray.cluster_resources().get("CPU", 1.0)
-    shard_actors = ps.num_shards * config.replicas
-    # all must fit, also next to shards on a 1-CPU node (shards reserve SHARD_CPUS each)
-    cpus = max(0.01, min(1.0 - SHARD_CPUS * shard_actors, (total_cpus - SHARD_CPUS * shard_actors) / config.num_workers))
-    actor = ray.remote(Worker).options(num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=config.max_restarts)
-    parts = worker_split(len(data.x_train), config.num_workers, seed=config.seed)
-    workers, refs = [], []
-    for i, idx in enumerate(parts):
-        x, y = ray.put(data.x_train[idx]), ray.put(data.y_train[idx])
-        workers.append(actor.remote(i, ps, config.model, data.input_shape, data.num_classes, x, y,
-                                    config.batch_size, seed=config.seed))
-        refs += [x, y]
-    try:
-        ray.get([w.pid.remote() for w in workers], timeout=WORKER_START_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
-        for worker in workers:
-            ray.kill(worker)
-        raise TimeoutError(f"{config.num_workers} workers of {cpus:.2f} CPU each were not up within "
-                           f"{WORKER_START_TIMEOUT_S} s; cluster resources: {ray.cluster_resources()}") from None
-    return workers, refs
-
-
-def _on_step(ps, model, data: Dataset, config: TrainConfig, history: History, progress: Progress | None):
-    """``on_step(step, losses, evaluate_now=, total=)``: report, evaluate and checkpoint as due."""
+def _on_step(ps, model, data: Dataset, config: TrainConfig, history: History, progress: Progress | None,
+             board: Board | None = None):
+    """``on_step(step, losses, evaluate_now=, total=)``: report, evaluate, checkpoint and log to TensorBoard."""
     start = time.perf_counter()
     samples_per_step = config.num_workers * config.batch_size
     saved = history.start_step  # step of the last checkpoint
@@ -177,6 +153,8 @@ def _on_step(ps, model, data: Dataset, config: TrainConfig, history: History, pr
             history.points.append(point)
             history.wall_s, history.samples_per_s = wall, point.samples_per_s
             event["accuracy"] = point.accuracy
+        if board is not None:
+            _to_board(board, ps, event, evaluate_now)
         every = config.checkpoint_every or total
         if config.checkpoint_dir and (int(step) // every > saved // every or (step >= total and saved < total)):
             saved = int(step)
@@ -185,3 +163,15 @@ def _on_step(ps, model, data: Dataset, config: TrainConfig, history: History, pr
             progress(event)
 
     return on_step
+
+
+def _to_board(board: Board, ps, event: dict, evaluated: bool) -> None:
+    """Loss at every step; at evaluations also accuracy, samples/s, staleness and per-shard counters."""
+    scalars = {"loss": event["loss"]}
+    if evaluated:
+        stats = ps.stats()
+        staleness = staleness_summary(stats)
+        scalars.update({"test/accuracy": event["accuracy"], "samples_per_s": event["samples_per_s"],
+                        **{f"staleness/{k}": staleness[k] for k in ("min", "mean", "max") if k in staleness},
+                        **shard_scalars(stats)})
+    board.write(event["step"], scalars)

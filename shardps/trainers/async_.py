@@ -9,7 +9,6 @@ import ray
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shardps.handle import wait_alive
 from shardps.trainers.clock import StepClock
 
 log = logging.getLogger(__name__)
@@ -17,18 +16,20 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.5  # how often the driver reports progress while workers run
 
 
-def run_async(ps, workers: list, start: int, steps: int, on_step, config,
+def run_async(ps, crew, start: int, steps: int, on_step, config,
               step_delays: Sequence[float] | None) -> int:
     """Let every worker loop pull -> compute -> push ``steps - start`` times; evaluate as they go.
 
-    Blocks until all workers finish; raises what a worker raised. Returns the
-    largest lead of one worker over the slowest that was seen.
+    Blocks until all workers finish; raises what a worker raised. A worker
+    that dies is replaced (``crew.replace``) and its successor carries on
+    from the step it had reached. Returns the largest lead of one worker over
+    the slowest that was seen.
     """
+    workers = crew.actors
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     # on the driver's node: the clock holds the run's progress and must not die with another node
     clock = ray.remote(StepClock).options(num_cpus=0, scheduling_strategy=here).remote(len(workers), config.bound)
     delays = list(step_delays or [0.0] * len(workers))
-    restarts = [0] * len(workers)
 
     def launch_run(i: int, done: int):
         return workers[i].run.remote(done, steps - start, clock, max_inflight=config.max_inflight,
@@ -44,12 +45,8 @@ def run_async(ps, workers: list, start: int, steps: int, on_step, config,
                 i = runs.pop(ref)
                 try:
                     ray.get(ref)
-                except RayActorError:  # the worker died: Ray restarts it; it carries on where it stopped
-                    if restarts[i] >= config.max_restarts:
-                        raise
-                    restarts[i] += 1
-                    log.warning("worker %d died at step %d; restarting it", i, start + progress["done"][i])
-                    wait_alive(workers[i].pid)  # a call sent while Ray restarts it would fail: one death, once
+                except RayActorError as exc:  # the worker died: a new one carries on where it stopped
+                    crew.replace(i, exc)
                     progress = ray.get(clock.progress.remote())
                     runs[launch_run(i, progress["done"][i])] = i
             losses.extend(progress["losses"])

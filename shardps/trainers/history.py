@@ -32,6 +32,7 @@ class History:
     start_step: int = 0  # > 0 when resumed from a checkpoint
     recoveries: list = field(default_factory=list)  # restarted shards: {"shard", "from": replica|checkpoint, "step"}
     weights: dict = field(default_factory=dict, repr=False)  # final parameters, name -> ndarray
+    logdir: str | None = None  # this run's TensorBoard folder, with TrainConfig.logdir
 
     @property
     def final_accuracy(self) -> float:
@@ -44,6 +45,7 @@ class History:
             "samples_per_s": round(self.samples_per_s, 1), "mode": self.mode, "num_shards": self.num_shards,
             "num_workers": self.num_workers, "dataset": self.dataset, "staleness": self.staleness,
             "max_lead": self.max_lead, "start_step": self.start_step, "recoveries": self.recoveries,
+            "logdir": self.logdir,
         }
 
 

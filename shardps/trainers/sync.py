@@ -12,7 +12,7 @@ from shardps.handle import gather, wait_alive
 log = logging.getLogger(__name__)
 
 
-def run_sync(ps, workers: list, start: int, steps: int, on_step, config) -> None:
+def run_sync(ps, crew, start: int, steps: int, on_step, config) -> None:
     """Run barrier steps ``start + 1 .. steps``. Blocks; raises what a worker or shard raised.
 
     Each step every worker pulls the same weights and returns one packed
@@ -21,7 +21,7 @@ def run_sync(ps, workers: list, start: int, steps: int, on_step, config) -> None
 
     Step ``t`` trains on each worker's mini-batch ``t - 1``. A shard that
     dies is restarted by Ray and sent the step's gradients again. A worker
-    that dies is restarted and the whole step is retried with every worker on
+    that dies is replaced and the whole step is retried with every worker on
     the same mini-batches (up to ``config.max_restarts`` times per step). The
     step's pushes are numbered by the step, so a shard that had already
     applied the step skips any retry.
@@ -30,14 +30,16 @@ def run_sync(ps, workers: list, start: int, steps: int, on_step, config) -> None
     for i, step in enumerate(range(start + 1, steps + 1)):
         for attempt in itertools.count():
             try:
-                losses.extend(_step(ps, workers, step, base_version=i, batch=step - 1))
+                losses.extend(_step(ps, crew.actors, step, base_version=i, batch=step - 1))
                 break
             except (RayActorError, RayTaskError, ShardUnavailableError) as exc:
                 if attempt >= config.max_restarts:
                     raise
                 log.warning("step %d failed (%s); retrying it", step, type(exc).__name__)
-                for actor_method in [shard.ping for shard in ps.shards] + [w.pid for w in workers]:
-                    wait_alive(actor_method)
+                for shard in ps.shards:
+                    wait_alive(shard.ping)
+                for dead in crew.dead():
+                    crew.replace(dead, exc)
         due = step % config.eval_every == 0 or step == steps
         on_step(step, losses, evaluate_now=due, total=steps)
         if due:

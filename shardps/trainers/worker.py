@@ -18,11 +18,18 @@ from shardps.models import build_model
 class Worker:
     """Computes gradients on its mini-batches against the current shard weights."""
 
-    def __init__(self, index: int, router, model: str, input_shape, num_classes: int, x, y,
+    def __init__(self, index: int, router, model: str, input_shape, num_classes: int, data: list,
                  batch_size: int, *, seed: int = 0):
+        """``data``: ``[ObjectRef of x, ObjectRef of y]``, fetched here.
+
+        Nested in a list, Ray does not count them as constructor arguments in
+        its object store (which it warns about for restartable actors); the
+        driver keeps them alive for restarts.
+        """
         self.index = index
         self._router = router
         self._model = build_model(model, input_shape, num_classes, seed=seed)
+        x, y = ray.get(data)
         self._batches = Batches(x, y, batch_size, seed=seed * 1000 + index)
 
     def sync_step(self, step: int) -> tuple:

@@ -1,0 +1,87 @@
+"""The training workers of one run: start them, replace one that died, remove them all."""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from shardps.cluster import SHARD_CPUS
+from shardps.data import Dataset, worker_split
+from shardps.trainers.worker import Worker
+
+log = logging.getLogger(__name__)
+
+WORKER_START_TIMEOUT_S = 300.0  # placing a worker and importing TensorFlow in it
+
+
+class Crew:
+    """One :class:`Worker` actor per part of the training data, spread over the cluster.
+
+    A worker that dies is *replaced* by the trainers (a new actor on the same
+    part of the data, :meth:`replace`), up to ``config.max_restarts`` times
+    each, rather than restarted by Ray: Ray would have to keep the
+    constructor's actor handles and data refs for a restart, and warns about
+    exactly that on every run. ``actors`` is updated in place.
+
+    Blocks until every worker is up. Raises ``TimeoutError`` when the cluster
+    has no room for them (after removing those it started).
+    """
+
+    def __init__(self, ps, data: Dataset, config):
+        total_cpus = ray.cluster_resources().get("CPU", 1.0)
+        shard_actors = ps.num_shards * config.replicas
+        # all must fit, also next to shards on a 1-CPU node (shards reserve SHARD_CPUS each)
+        cpus = max(0.01, min(1.0 - SHARD_CPUS * shard_actors,
+                             (total_cpus - SHARD_CPUS * shard_actors) / config.num_workers))
+        quiet = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")}  # TensorFlow's own switch
+        self._actor = ray.remote(Worker).options(num_cpus=cpus, scheduling_strategy="SPREAD",
+                                                 runtime_env={"env_vars": quiet})
+        self._args = (ps, config.model, data.input_shape, data.num_classes)
+        self._config = config
+        parts = worker_split(len(data.x_train), config.num_workers, seed=config.seed)
+        self._data = [[ray.put(data.x_train[idx]), ray.put(data.y_train[idx])] for idx in parts]
+        self.replaced = [0] * config.num_workers
+        self.actors = [self._new(i) for i in range(config.num_workers)]
+        self._wait_up(self.actors)
+
+    def _new(self, i: int):
+        return self._actor.remote(i, *self._args, self._data[i], self._config.batch_size, seed=self._config.seed)
+
+    def _wait_up(self, actors: list) -> None:
+        try:
+            ray.get([w.pid.remote() for w in actors], timeout=WORKER_START_TIMEOUT_S)
+        except GetTimeoutError:
+            self.remove()
+            raise TimeoutError(f"{len(actors)} workers were not up within {WORKER_START_TIMEOUT_S} s; "
+                               f"cluster resources: {ray.cluster_resources()}") from None
+
+    def replace(self, i: int, error: BaseException) -> None:
+        """Put a new worker in place of dead worker ``i``; blocks until it is up.
+
+        Re-raises ``error`` (what the dead worker's call raised) once worker
+        ``i`` was replaced ``max_restarts`` times.
+        """
+        if self.replaced[i] >= self._config.max_restarts:
+            raise error
+        self.replaced[i] += 1
+        log.warning("worker %d died (%s); replacing it", i, type(error).__name__)
+        ray.kill(self.actors[i])
+        self.actors[i] = self._new(i)
+        self._wait_up([self.actors[i]])
+
+    def dead(self) -> list[int]:
+        """Indices of the workers whose actor is gone. Blocks for one call to each."""
+        dead = []
+        for i, worker in enumerate(self.actors):
+            try:
+                ray.get(worker.pid.remote(), timeout=WORKER_START_TIMEOUT_S)
+            except RayActorError:
+                dead.append(i)
+        return dead
+
+    def remove(self) -> None:
+        """Kill every worker. Idempotent."""
+        for worker in self.actors:
+            ray.kill(worker)
