@@ -48,6 +48,8 @@ def test_asp_lets_fast_workers_run_ahead_of_a_slow_one(ray_session):
     config = TrainConfig(mode="async", num_shards=2, num_workers=3, steps=8, model="mlp",
                          dataset="digits", eval_every=100)
     history = train(config, step_delays=SLOW)
+    # timing-based, with a wide margin: the slow worker needs 8 x 0.25 s = 2 s, a fast step takes ~20 ms
+    # here, so the fast workers lead by more than 2 unless their steps take over 0.1 s each (5x slower)
     assert history.max_lead > 2  # without a bound the fast workers leave the slow one behind
 
 
