@@ -16,7 +16,9 @@ from shardps.models import build_model
 from shardps.optim import OPTIMIZERS
 from shardps.trainers.history import EvalPoint, History, staleness_summary
 from shardps.trainers.board import Board, shard_scalars
+from shardps.trainers.async_ import run_async
 from shardps.trainers.crew import Crew
+from shardps.trainers.sync import run_sync
 
 __all__ = ["train", "TrainConfig", "History", "EvalPoint"]
 log = logging.getLogger(__name__)
@@ -73,10 +75,8 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
                 history.logdir = str(board.path)
             on_step = _on_step(ps, model, data, config, history, progress, board)
             if config.mode == "sync":
-                from shardps.trainers.sync import run_sync
                 run_sync(ps, crew, start, steps, on_step, config)
             else:
-                from shardps.trainers.async_ import run_async
                 history.max_lead = run_async(ps, crew, start, steps, on_step, config, step_delays)
         finally:
             crew.remove()
