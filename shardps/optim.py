@@ -6,7 +6,9 @@ shard actors and into checkpoint manifests) with two methods:
 - ``slots()``: names of the per-element state arrays it keeps (zero-initialised);
 - ``apply(param, grad, state, step)``: update ``param`` in place from ``grad``;
   ``state`` maps slot name -> array of ``param``'s shape; ``step`` is how many
-  updates these elements received before this one (Adam's bias correction).
+  updates these elements received before this one (Adam's bias correction):
+  an int, or for embedding rows an array of shape ``(rows, 1)``, one per row
+  (lazy Adam: only rows that are updated advance).
 
 All arrays are 1-D slices of a shard's buffer, so one call updates every key
 on the shard in a single vectorised expression. The update a client sends is a
@@ -97,7 +99,7 @@ class Adam:
         v *= self.beta2
         v += (1 - self.beta2) * np.square(grad)
         t = step + 1
-        lr_t = self.lr * math.sqrt(1 - self.beta2**t) / (1 - self.beta1**t)
+        lr_t = self.lr * np.sqrt(1 - self.beta2**t) / (1 - self.beta1**t)
         param -= lr_t * m / (np.sqrt(v) + self.eps)
 
 
@@ -121,7 +123,43 @@ class Adagrad:
         param -= self.lr * grad / (np.sqrt(acc) + self.eps)
 
 
-OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adagrad": Adagrad}
+@dataclass(frozen=True)
+class FTRL:
+    """FTRL-Proximal (McMahan et al. 2013), the CTR classic; TensorFlow's ``Ftrl`` with ``lr_power=-0.5``.
+
+    Per element: ``n' = n + g**2; z += g - (sqrt(n') - sqrt(n)) / lr * p; n = n'``, then
+    ``p = 0`` where ``|z| <= l1``, else ``p = -(z - sign(z) * l1) / ((beta + sqrt(n)) / lr + 2 * l2)``.
+    """
+
+    lr: float = 0.05
+    l1: float = 0.0
+    l2: float = 0.0
+    beta: float = 0.0
+    initial_accumulator: float = 0.1  # TensorFlow's default: n starts here, not at 0
+
+    def __post_init__(self):
+        _check_positive("lr", self.lr)
+        _check_positive("initial_accumulator", self.initial_accumulator)
+        for name in ("l1", "l2", "beta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"Argument `{name}` must be a finite number >= 0. Received: {value!r}")
+
+    def slots(self) -> tuple[str, ...]:
+        return ("z", "sum_sq")  # sum_sq: the squared gradients so far, so n = initial_accumulator + sum_sq
+
+    def apply(self, param, grad, state, step) -> None:
+        z, sum_sq = state["z"], state["sum_sq"]
+        n = self.initial_accumulator + sum_sq
+        g2 = np.square(grad)
+        z += grad - (np.sqrt(n + g2) - np.sqrt(n)) / self.lr * param
+        sum_sq += g2
+        n += g2
+        denom = (self.beta + np.sqrt(n)) / self.lr + 2 * self.l2
+        param[...] = np.where(np.abs(z) <= self.l1, 0.0, (np.sign(z) * self.l1 - z) / denom)
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adagrad": Adagrad, "ftrl": FTRL}
 
 
 def optimizer_config(opt) -> dict:

@@ -35,6 +35,14 @@ class DictServer:
         elif name == "Adagrad":
             st["accumulator"][...] += g * g
             p -= o.lr * g / (np.sqrt(st["accumulator"]) + o.eps)
+        elif name == "FTRL":  # TensorFlow's Ftrl (lr_power -0.5), written with its own accumulator
+            accum = st.setdefault("accum", np.full_like(p, o.initial_accumulator))
+            new = accum + g * g
+            st["linear"] = st.get("linear", np.zeros_like(p)) + g - (np.sqrt(new) - np.sqrt(accum)) / o.lr * p
+            accum[...] = new
+            quadratic = (o.beta + np.sqrt(new)) / o.lr + 2 * o.l2
+            lin = st["linear"]
+            p[...] = np.where(np.abs(lin) > o.l1, (np.sign(lin) * o.l1 - lin) / quadratic, 0.0)
         else:
             raise AssertionError(name)
 

@@ -1,0 +1,175 @@
+"""One embedding table's rows on one shard: storage, per-row optimizer, admission and eviction.
+
+A plain class (no Ray), the shard-side half of the sparse-tables issue; the
+Router, shard messages, checkpoints and replicas do not use it yet.
+
+Rows live in arrays that grow by doubling (parameters, one array per
+optimizer slot, and per row its update count and the logical time of its
+last update); :class:`~shardps.table.RowIndex` maps ids to rows. A batch
+costs a few vectorised passes: look the ids up, create the admitted new
+rows from their deterministic initial values, gather, apply the optimizer to
+the gathered rows, scatter back.
+
+Semantics (TFRA / Monolith): a pull never creates a row and answers an id
+without one with its initial value; a push creates the rows of admitted ids.
+Admission (``min_count=k``): an id gets a row once it has appeared in k
+pushes; until then its gradients are dropped. The counts live in a fixed
+array of ``count_slots`` saturating 8-bit counters indexed by a hash of the
+id (bounded memory, 1 MiB by default; two ids sharing a counter are
+admitted early, never late). Eviction (``max_rows``): when a push would
+exceed it, the least recently updated rows that the push does not touch go,
+with their optimizer state; an evicted id comes back at its initial value.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from shardps.table import RowIndex, as_ids, mix64, name_salt, segment_sum
+
+_COUNTER_SALT = 0xC0FFEE  # admission counters hash ids apart from placement and the row index
+
+
+class EmbeddingTable:
+    """Rows of table ``name`` held by one shard.
+
+    Args:
+        name, dim, dtype: the table.
+        initializer: :class:`~shardps.table.Zeros`, ``Uniform`` or ``Normal``.
+        optimizer: a :mod:`shardps.optim` rule (``SGD``, ``Adagrad``, ``Adam`` -- lazy, one step count
+            per row -- or ``FTRL``); ``Momentum`` is refused (its decay would need every row every step).
+        seed: the initializer's seed.
+        min_count: pushes an id must appear in before it gets a row (1: at once).
+        max_rows: rows this shard keeps at most (None: no limit).
+        count_slots: admission counters (a power of two).
+    """
+
+    def __init__(self, name: str, dim: int, *, initializer, optimizer, dtype=np.float32, seed: int = 0,
+                 min_count: int = 1, max_rows: int | None = None, count_slots: int = 1 << 20):
+        if type(optimizer).__name__ == "Momentum":
+            raise ValueError("Momentum is not supported for embedding tables: use SGD, Adagrad, Adam or FTRL")
+        checked = {"dim": dim, "min_count": min_count, **({} if max_rows is None else {"max_rows": max_rows})}
+        for arg, value in checked.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Argument `{arg}` must be an integer >= 1. Received: {value!r}")
+        if min_count > 255:
+            raise ValueError(f"Argument `min_count` must be at most 255 (8-bit counters). Received: {min_count}")
+        self.name, self.dim, self.dtype = name, dim, np.dtype(dtype)
+        self.initializer, self.optimizer, self.seed = initializer, optimizer, seed
+        self.min_count, self.max_rows = min_count, max_rows
+        self._index = RowIndex()
+        self._params = np.empty((0, dim), self.dtype)
+        self._state = {slot: np.empty((0, dim), self.dtype) for slot in optimizer.slots()}
+        self._steps = np.empty(0, np.int64)  # updates per row (lazy Adam's t)
+        self._touched = np.empty(0, np.int64)  # logical time of each row's last update (eviction order)
+        self._clock = 0
+        self._counts = np.zeros(count_slots if min_count > 1 else 0, np.uint8)
+        self._salt = name_salt(name, seed)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: rows, optimizer slots, per-row counters, index and admission counters."""
+        rows = self._params.nbytes + sum(a.nbytes for a in self._state.values())
+        return rows + self._steps.nbytes + self._touched.nbytes + self._index.nbytes + self._counts.nbytes
+
+    def pull(self, ids) -> np.ndarray:
+        """``(len(ids), dim)`` rows; ids without a row get their initial value. Creates nothing."""
+        ids = as_ids(ids)
+        slots = self._index.lookup(ids)
+        out = np.empty((len(ids), self.dim), self.dtype)
+        have = slots >= 0
+        out[have] = self._params[slots[have]]
+        if not have.all():
+            out[~have] = self.initializer.rows(ids[~have], self.dim, name=self.name, seed=self.seed, dtype=self.dtype)
+        return out
+
+    def push(self, ids, grads) -> None:
+        """Apply one update: duplicate ids' gradients are summed, then applied once per row.
+
+        Raises ``ValueError`` (wrong shape, NaN/Inf) before anything changes.
+        """
+        grads = np.asarray(grads, self.dtype)
+        if grads.shape != (len(np.asarray(ids)), self.dim):
+            raise ValueError(f"table {self.name!r}: grads must have shape ({len(np.asarray(ids))}, {self.dim}). "
+                             f"Received {grads.shape}")
+        if not np.isfinite(grads).all():
+            raise ValueError(f"table {self.name!r}: grads contain NaN or Inf")
+        ids, grads = segment_sum(ids, grads)
+        slots = self._index.lookup(ids)
+        admitted = (slots >= 0) | self._admit(ids[slots < 0], slots)
+        ids, grads, slots = ids[admitted], grads[admitted], slots[admitted]
+        new = slots < 0
+        if new.any():
+            slots[new] = self._create(ids[new], keep=slots[~new])
+            kept = slots >= 0  # rows the eviction bound had no room for are dropped
+            ids, grads, slots = ids[kept], grads[kept], slots[kept]
+        params = self._params[slots]
+        state = {name: buf[slots] for name, buf in self._state.items()}
+        self.optimizer.apply(params, grads, state, self._steps[slots][:, None])
+        self._params[slots] = params
+        for name, buf in self._state.items():
+            buf[slots] = state[name]
+        self._steps[slots] += 1
+        self._touched[slots] = self._clock
+        self._clock += 1
+
+    def _admit(self, unseen: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Count this push for ids without a row; True where an id reached ``min_count`` (shaped like ``slots``)."""
+        out = np.zeros(len(slots), bool)
+        if self.min_count == 1:
+            out[slots < 0] = True
+            return out
+        cells = (mix64(unseen.view(np.uint64) ^ self._salt ^ np.uint64(_COUNTER_SALT))
+                 & np.uint64(len(self._counts) - 1)).astype(np.int64)
+        shared, times = np.unique(cells, return_counts=True)  # ids sharing a cell count for each other
+        self._counts[shared] = np.minimum(255, self._counts[shared].astype(np.int64) + times)
+        out[slots < 0] = self._counts[cells] >= self.min_count
+        return out
+
+    def _create(self, ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Rows for new ``ids`` at their initial values, evicting old rows (never ``keep``) past ``max_rows``.
+
+        Returns their slots; -1 for ids there was no room for.
+        """
+        room = len(ids)
+        if self.max_rows is not None:
+            over = len(self) + len(ids) - self.max_rows
+            if over > 0:
+                self._evict(over, keep)
+            room = min(len(ids), self.max_rows - len(self))
+        created = np.full(len(ids), -1, np.int64)
+        slots = self._index.insert(ids[:room])
+        self._grow(int(slots.max()) + 1 if room else 0)
+        self._params[slots] = self.initializer.rows(ids[:room], self.dim, name=self.name, seed=self.seed,
+                                                    dtype=self.dtype)
+        for buf in self._state.values():
+            buf[slots] = 0
+        self._steps[slots] = 0
+        created[:room] = slots
+        return created
+
+    def _evict(self, count: int, keep: np.ndarray) -> None:
+        """Remove the ``count`` least recently updated rows outside ``keep`` (fewer if there are not so many)."""
+        ids, slots = self._index.items()
+        candidates = ~np.isin(slots, keep)
+        ids, slots = ids[candidates], slots[candidates]
+        if len(slots) > count:
+            oldest = np.argpartition(self._touched[slots], count - 1)[:count]
+            ids = ids[oldest]
+        self._index.remove(ids)
+
+    def _grow(self, rows: int) -> None:
+        if rows <= len(self._params):
+            return
+        capacity = max(rows, 2 * len(self._params), 16)
+
+        def grown(a: np.ndarray) -> np.ndarray:
+            out = np.zeros((capacity,) + a.shape[1:], a.dtype)
+            out[:len(a)] = a
+            return out
+
+        self._params = grown(self._params)
+        self._state = {name: grown(buf) for name, buf in self._state.items()}
+        self._steps, self._touched = grown(self._steps), grown(self._touched)
