@@ -30,11 +30,13 @@ import stat
 import uuid
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from shardps.dedup import AppliedRecord
 from shardps.optim import optimizer_config, optimizer_from_config
+from shardps.table import initializer_from_config
 
 FORMAT, VERSION = "shardps-checkpoint", 2  # 2: store id, exact applied-push records (1 is still read)
 _LATEST = "LATEST"
@@ -68,10 +70,13 @@ def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Pa
         arrays[f"p{i}"] = flat.reshape(spec.shape)
         arrays.update({f"s{i}.{slot}": buf.reshape(spec.shape) for slot, buf in slots.items()})
         keys.append({"name": name, "shape": list(spec.shape), "dtype": spec.dtype.str, "step": seg_step})
+    tables = [_table_arrays(j, name, spec, [held for _, _, held in exports], arrays)
+              for j, (name, spec) in enumerate(layout.tables.items())]
     manifest = {
         "format": FORMAT, "version": VERSION, "store": router.store_id, "step": int(step),
         "num_shards": router.num_shards, "block_bytes": layout.partitioner.block_bytes,
-        "optimizer": optimizer_config(router.optimizer), "keys": keys, "shards": [meta for _, meta in exports],
+        "optimizer": optimizer_config(router.optimizer), "keys": keys, "tables": tables,
+        "shards": [meta for _, meta, _ in exports],
     }
     final = root / f"ckpt-{int(step):08d}-{uuid.uuid4().hex[:8]}"  # never an existing name: nothing is replaced
     tmp = root / f".tmp-{uuid.uuid4().hex}"
@@ -88,6 +93,20 @@ def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Pa
     for old in others[:max(0, len(others) - (keep - 1))]:  # keep the newest, never the one just written
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _table_arrays(j: int, name: str, spec: dict, held: list[dict], arrays: dict) -> dict:
+    """Put table ``name``'s rows from every shard into ``arrays`` as ``t<j>.*``; return its manifest entry.
+
+    Rows are stored whole (every shard's, ids ascending within a shard), so
+    they restore into any shard count; admission counters are summed.
+    """
+    parts = [h[name]["rows"] for h in held if name in h]
+    for field in [k for k in parts[0] if k not in ("counts", "clock")]:
+        arrays[f"t{j}.{field}"] = np.concatenate([p[field] for p in parts])
+    counts = np.sum([p["counts"].astype(np.int64) for p in parts], axis=0)
+    arrays[f"t{j}.counts"] = np.minimum(counts, 255).astype(np.uint8)
+    return {**spec, "rows": int(len(arrays[f"t{j}.ids"])), "count_slots": int(len(counts))}
 
 
 def _write_synced(path: Path, write, replace: Path | None = None) -> None:
@@ -120,7 +139,7 @@ def latest(path: str | os.PathLike) -> Path | None:
 
 
 def read(path: str | os.PathLike) -> tuple[dict, dict, dict]:
-    """Load and check a checkpoint completely: ``(manifest, params, state)``.
+    """Load and check a checkpoint completely: a :class:`Checkpoint` ``(manifest, params, state, tables)``.
 
     ``params``: name -> array; ``state``: name -> {slot: array}. Nothing is
     unpickled, only the arrays the manifest names are read, and each is
@@ -138,10 +157,32 @@ def read(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     for i, key in enumerate(manifest["keys"]):
         for member in [f"p{i}"] + [f"s{i}.{slot}" for slot in slots]:
             wanted[member] = (key["name"], tuple(key["shape"]), np.dtype(key["dtype"]))
+    for j, table in enumerate(manifest.get("tables", [])):
+        wanted.update(_table_members(j, table))
     stored = _read_arrays(arrays_path, wanted)
     params = {key["name"]: stored[f"p{i}"] for i, key in enumerate(manifest["keys"])}
     state = {key["name"]: {slot: stored[f"s{i}.{slot}"] for slot in slots} for i, key in enumerate(manifest["keys"])}
-    return manifest, params, state
+    tables = {table["name"]: {field[len(f"t{j}."):]: stored[field] for field in _table_members(j, table)}
+              for j, table in enumerate(manifest.get("tables", []))}
+    return Checkpoint(manifest, params, state, tables)
+
+
+class Checkpoint(NamedTuple):
+    """What :func:`read` returns."""
+
+    manifest: dict
+    params: dict  # key -> array
+    state: dict  # key -> {slot: array}
+    tables: dict  # table -> {"ids", "params", "slot.<name>", "steps", "touched", "counts"}: every row, whole
+
+
+def _table_members(j: int, table: dict) -> dict[str, tuple[str, tuple, np.dtype]]:
+    """The arrays of table entry ``j`` and the shape and dtype the manifest promises for each."""
+    n, dim, dtype = table["rows"], table["dim"], np.dtype(table["dtype"])
+    rows = {"ids": ((n,), np.dtype(np.int64)), "params": ((n, dim), dtype), "steps": ((n,), np.dtype(np.int64)),
+            "touched": ((n,), np.dtype(np.int64)), "counts": ((table["count_slots"],), np.dtype(np.uint8)),
+            **{f"slot.{slot}": ((n, dim), dtype) for slot in optimizer_from_config(table["optimizer"]).slots()}}
+    return {f"t{j}.{field}": (table["name"], shape, dt) for field, (shape, dt) in rows.items()}
 
 
 def _regular_file(path: Path, limit: int | None = None) -> None:
@@ -233,8 +274,13 @@ def _check_manifest(m, where: Path) -> None:
             AppliedRecord.from_json(shard.setdefault("applied", {}))
         except ValueError as exc:
             bad(f"shards entry: {exc}")
+    tables = m.setdefault("tables", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        bad("tables entry")
+    for table in tables:
+        _check_table(table, bad)
     keys = m.get("keys")
-    if not isinstance(keys, list) or not keys:
+    if not isinstance(keys, list) or not (keys or tables):
         bad("no keys")
     names = set()
     for key in keys:
@@ -248,6 +294,22 @@ def _check_manifest(m, where: Path) -> None:
             bad(f"dtype of {key['name']!r}: {key.get('dtype')!r:.40}")
         if not _is_count(key.get("step")):
             bad(f"step of {key['name']!r}: {key.get('step')!r:.40}")
+
+
+def _check_table(t: dict, bad) -> None:
+    """Raise through ``bad`` unless ``t`` is a well-formed table entry."""
+    ok = (isinstance(t.get("name"), str) and t["name"] and t.get("dtype") in _FLOATS
+          and all(_is_count(t.get(f)) for f in ("dim", "seed", "min_count", "rows", "count_slots"))
+          and t["dim"] >= 1 and 1 <= t["min_count"] <= 255 and t["count_slots"] <= 1 << 30
+          and (t.get("max_rows") is None or _is_count(t["max_rows"]) and t["max_rows"] >= 1)
+          and isinstance(t.get("initializer"), dict) and isinstance(t.get("optimizer"), dict))
+    if not ok:
+        bad(f"table entry {str(t)[:120]}")
+    try:
+        initializer_from_config(t["initializer"])
+        optimizer_from_config(t["optimizer"])
+    except (TypeError, ValueError) as exc:
+        bad(f"table {t['name']!r}: {exc}")
 
 
 def _is_count(value) -> bool:

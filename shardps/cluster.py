@@ -11,12 +11,15 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+import numpy as np
+
 from shardps import checkpoint
 from shardps.config import replication_restarts
 from shardps.optim import SGD, optimizer_from_config
 from shardps.partition import DEFAULT_BLOCK_BYTES, HashPartitioner, Layout
 from shardps.router import Router
 from shardps.shard import ParameterShard
+from shardps.table import initializer_from_config
 
 log = logging.getLogger(__name__)
 
@@ -243,28 +246,36 @@ def pair_bundles(nodes: list[str], num_shards: int, replicas: int) -> tuple[list
 
 
 def restore(path: str | os.PathLike, num_shards: int | None = None, address: str | None = None, **launch_kwargs):
-    """Launch shards holding a checkpoint's parameters and optimizer state; returns the Router.
+    """Launch shards holding a checkpoint's parameters, optimizer state and tables; returns the Router.
 
     ``num_shards=None`` keeps the saved shard count; any other count
-    re-shards (values and optimizer state are identical). The checkpoint is
-    read and checked completely before any shard starts. Blocks until loaded.
+    re-shards (values and optimizer state are identical; each table row goes
+    to the shard its id hashes to). The checkpoint is read and checked
+    completely before any shard starts. Blocks until loaded.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
         ValueError: a corrupt, truncated or inconsistent checkpoint (names the file).
     """
-    return launch_from(*checkpoint.read(path), num_shards=num_shards, address=address, **launch_kwargs)
+    return launch_from(checkpoint.read(path), num_shards=num_shards, address=address, **launch_kwargs)
 
 
-def launch_from(manifest: dict, params: dict, state: dict, *, num_shards: int | None = None, **launch_kwargs):
-    """:func:`restore` from what :func:`shardps.checkpoint.read` returned. The new store keeps the checkpoint's store id."""
+def launch_from(saved: checkpoint.Checkpoint, *, num_shards: int | None = None, **launch_kwargs):
+    """:func:`restore` from what :func:`shardps.checkpoint.read` returned. The new store keeps the checkpoint's id."""
+    manifest = saved.manifest
     launch_kwargs.setdefault("block_bytes", manifest["block_bytes"])
     launch_kwargs.setdefault("store_id", manifest.get("store"))
     ps = launch(num_shards or manifest["num_shards"], optimizer=optimizer_from_config(manifest["optimizer"]),
                 **launch_kwargs)
     try:
-        ps.register(params)
-        ps.load_optimizer_state(state, {k["name"]: k["step"] for k in manifest["keys"]})
+        if saved.params:
+            ps.register(saved.params)
+            ps.load_optimizer_state(saved.state, {k["name"]: k["step"] for k in manifest["keys"]})
+        for table in manifest["tables"]:
+            ps.register_table(table["name"], table["dim"], initializer=initializer_from_config(table["initializer"]),
+                              optimizer=optimizer_from_config(table["optimizer"]), dtype=np.dtype(table["dtype"]),
+                              min_count=table["min_count"], max_rows=table["max_rows"], seed=table["seed"])
+            ps.load_table(table["name"], saved.tables[table["name"]])
     except BaseException:
         ps.shutdown()
         raise

@@ -68,6 +68,41 @@ class EmbeddingTable:
     def __len__(self) -> int:
         return len(self._index)
 
+    def export(self) -> dict[str, np.ndarray]:
+        """Every row, ids ascending: ``ids``, ``params``, ``slot.<name>``, ``steps``, ``touched``; plus
+        ``counts`` (admission counters) and ``clock``. What :meth:`load` takes."""
+        ids, slots = self._index.items()
+        order = np.argsort(ids, kind="stable")
+        ids, slots = ids[order], slots[order]
+        return {"ids": ids, "params": self._params[slots], "steps": self._steps[slots],
+                "touched": self._touched[slots], "counts": self._counts.copy(), "clock": np.array(self._clock),
+                **{f"slot.{name}": buf[slots] for name, buf in self._state.items()}}
+
+    def load(self, rows: dict) -> None:
+        """Replace every row with ``rows`` (as :meth:`export` gives them, or a shard's share of them).
+
+        Raises ``ValueError`` (before changing anything) when shapes or slots do not fit this table.
+        """
+        ids = as_ids(rows["ids"])
+        n, slots = len(ids), {k[5:] for k in rows if k.startswith("slot.")}
+        if slots != set(self._state) or any(np.shape(rows[k]) != (n, self.dim) for k in rows
+                                            if k == "params" or k.startswith("slot.")) \
+                or np.shape(rows["steps"]) != (n,) or np.shape(rows["touched"]) != (n,) \
+                or np.shape(rows["counts"]) != self._counts.shape or len(np.unique(ids)) != n:
+            raise ValueError(f"table {self.name!r}: saved rows do not fit (dim {self.dim}, slots {sorted(self._state)})")
+        self._index = RowIndex(2 * n)
+        self._params = np.empty((0, self.dim), self.dtype)
+        self._state = {name: np.empty((0, self.dim), self.dtype) for name in self._state}
+        self._steps, self._touched = np.empty(0, np.int64), np.empty(0, np.int64)
+        at = self._index.insert(ids)
+        self._grow(n)
+        self._params[at] = rows["params"]
+        for name, buf in self._state.items():
+            buf[at] = rows[f"slot.{name}"]
+        self._steps[at], self._touched[at] = rows["steps"], rows["touched"]
+        self._counts[:] = rows["counts"]
+        self._clock = int(rows.get("clock", int(np.max(rows["touched"], initial=-1)) + 1))
+
     @property
     def nbytes(self) -> int:
         """Bytes held: rows, optimizer slots, per-row counters, index and admission counters."""

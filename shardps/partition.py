@@ -117,6 +117,8 @@ class Layout:
     keys: dict[str, KeySpec] = field(default_factory=dict)
     # shard -> dtype name -> segments in buffer order
     shard_segments: list[dict[str, list[Segment]]] = field(default_factory=list)
+    # embedding tables: name -> spec (rows are placed by a hash of their id: see shardps.table)
+    tables: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.shard_segments:

@@ -42,7 +42,10 @@ from shardps import checkpoint
 from shardps.dedup import Tag
 from shardps.errors import ShardUnavailableError
 from shardps.handle import Handle
+from shardps.embedding import EmbeddingTable
+from shardps.optim import Adagrad, optimizer_config
 from shardps.partition import KeySpec, Layout
+from shardps.table import Uniform, as_ids, initializer_config, segment_sum, shard_of_ids
 from shardps.wire import INLINE_BYTES, all_finite, from_wire, join, message_bytes, to_wire
 
 _NUMERIC_KINDS = "biuf"
@@ -436,6 +439,164 @@ class Router:
 
         return requests, unpack
 
+    # ---- embedding tables --------------------------------------------------
+    def register_table(self, name: str, dim: int, *, initializer=None, optimizer=None, dtype=np.float32,
+                       min_count: int = 1, max_rows: int | None = None, seed: int = 0) -> None:
+        """Add an embedding table: rows of ``dim`` values addressed by int64 ids, placed by a hash of the id.
+
+        Rows are created by the first push of their id (after ``min_count``
+        pushes), start at ``initializer``'s value for (seed, name, id)
+        (default ``Uniform(-0.05, 0.05)``) and are updated by ``optimizer``
+        on the shards (default ``Adagrad(lr=0.05)``; ``SGD``, ``Adam`` with a
+        step per row, ``FTRL``). ``max_rows``: at most ceil(max_rows / S) rows
+        per shard, the least recently updated go first. Blocks until every
+        shard has the table; only the Router that ``launch()`` returned registers.
+
+        Raises:
+            ValueError: a name already used by a table or key, or a bad argument.
+            RuntimeError: called on a Router copy.
+        """
+        if not self._owner:
+            raise RuntimeError("register_table() is only allowed on the Router that launch() returned")
+        self._check_open()
+        if not isinstance(name, str) or not name or name in self._layout.keys or name in self._layout.tables:
+            raise ValueError(f"table name must be a new non-empty string (not a key or table). Received: {name!r}")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"table name {name!r} cannot be encoded as UTF-8") from None
+        initializer = Uniform(-0.05, 0.05) if initializer is None else initializer
+        optimizer = Adagrad(lr=0.05) if optimizer is None else optimizer
+        if np.dtype(dtype).kind != "f":
+            raise ValueError(f"Argument `dtype` must be a floating-point type. Received: {dtype!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"Argument `seed` must be an integer >= 0. Received: {seed!r}")
+        per_shard = None if max_rows is None else -(-max_rows // self.num_shards) if isinstance(max_rows, int) \
+            and not isinstance(max_rows, bool) and max_rows >= 1 else max_rows
+        EmbeddingTable(name, dim, initializer=initializer, optimizer=optimizer, dtype=dtype, seed=seed,
+                       min_count=min_count, max_rows=per_shard, count_slots=16)  # checks every argument
+        spec = {"name": name, "dim": dim, "dtype": np.dtype(dtype).str, "initializer": initializer_config(initializer),
+                "optimizer": optimizer_config(optimizer), "seed": seed, "min_count": min_count, "max_rows": per_shard}
+        self.call_each(lambda shard: shard.register_table.remote(spec))
+        self._layout.tables[name] = {**spec, "max_rows": max_rows}
+
+    def load_table(self, name: str, rows: dict) -> None:
+        """Replace every row of table ``name`` with ``rows`` (a checkpoint's; see :mod:`shardps.checkpoint`).
+
+        Each row goes to the shard its id hashes to; admission counters go to
+        every shard. Blocks. Raises ``KeyError``/``ValueError`` from the shards.
+        """
+        self._table_spec(name)
+        owner = shard_of_ids(rows["ids"], name, self.num_shards)
+        parts = [{k: (v if k == "counts" else v[owner == s]) for k, v in rows.items()} for s in range(self.num_shards)]
+        self.call_each(lambda shard, part: shard.load_table.remote(name, part), parts)
+
+    def tables(self) -> dict[str, dict]:
+        """Per table: dim, dtype, rows, rows_per_shard, bytes (rows, optimizer state, index), settings. Blocks."""
+        stats = self.stats()
+        out = {}
+        for name, spec in self._layout.tables.items():
+            held = [s["tables"].get(name, {"rows": 0, "bytes": 0}) for s in stats]
+            out[name] = {"dim": spec["dim"], "dtype": np.dtype(spec["dtype"]), "rows": sum(h["rows"] for h in held),
+                         "rows_per_shard": [h["rows"] for h in held], "bytes": sum(h["bytes"] for h in held),
+                         "initializer": spec["initializer"], "optimizer": spec["optimizer"],
+                         "min_count": spec["min_count"], "max_rows": spec["max_rows"]}
+        return out
+
+    def _table_spec(self, name: str) -> dict:
+        try:
+            return self._layout.tables[name]
+        except (KeyError, TypeError):
+            raise KeyError(f"unknown table {name!r}; tables: {sorted(self._layout.tables)[:20]}") from None
+
+    def _by_shard(self, name: str, ids: np.ndarray) -> dict[int, np.ndarray]:
+        """Shard -> boolean mask of ``ids`` (unique) placed there; only shards holding some."""
+        owner = shard_of_ids(ids, name, self.num_shards)
+        return {s: owner == s for s in np.unique(owner).tolist()}
+
+    def pull_rows(self, name: str, ids, *, wait: bool = True, timeout: float | None = None):
+        """Rows of table ``name`` for ``ids`` (1-D ints, duplicates allowed): ``(len(ids), dim)`` array.
+
+        Ids without a row get their initial value; nothing is created. Each
+        shard is asked once for its unique ids. ``wait=False`` returns a Handle.
+
+        Raises:
+            KeyError: unknown table. TypeError, ValueError: ids not 1-D integers below 2**63.
+            TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
+        """
+        spec = self._table_spec(name)
+        unique, inverse = np.unique(as_ids(ids), return_inverse=True)
+        return self._rows_call(spec, unique, inverse, lambda s, mask: self._shards[s].pull_rows.remote(
+            (name, unique[mask])), wait=wait, timeout=timeout)
+
+    def _rows_call(self, spec: dict, unique: np.ndarray, inverse: np.ndarray, call: Callable, *, wait: bool,
+                   timeout: float | None, masks: dict | None = None):
+        """Send ``call(shard, mask)`` per shard holding some of ``unique``; gather rows in the caller's order."""
+        self._check_open()
+        masks = self._by_shard(spec["name"], unique) if masks is None else masks
+        asked = list(masks)
+
+        def finish(replies: list) -> np.ndarray:
+            out = np.empty((len(unique), spec["dim"]), np.dtype(spec["dtype"]))
+            for s, rows in zip(asked, replies):
+                out[masks[s]] = rows
+            return out[inverse.reshape(-1)]
+
+        handle = Handle([call(s, masks[s]) for s in asked], finish)
+        return handle.wait(timeout) if wait else handle
+
+    def _row_grads(self, spec: dict, ids, grads) -> tuple[np.ndarray, np.ndarray]:
+        """Validated ``(unique ids, summed grads)``; raises before anything is sent."""
+        ids = as_ids(ids)
+        grads = grads if type(grads) is np.ndarray else np.asarray(grads)
+        dtype = np.dtype(spec["dtype"])
+        if grads.shape != (len(ids), spec["dim"]):
+            raise ValueError(f"table {spec['name']!r}: grads must have shape ({len(ids)}, {spec['dim']}). "
+                             f"Received {grads.shape}")
+        if grads.dtype != dtype:
+            if grads.dtype.kind not in _NUMERIC_KINDS or not np.can_cast(grads.dtype, dtype, "same_kind"):
+                raise ValueError(f"table {spec['name']!r}: grads must be {dtype} (or cast to it). Received {grads.dtype}")
+            with np.errstate(over="ignore"):
+                grads = grads.astype(dtype)
+        if not all_finite(grads):
+            raise ValueError(f"table {spec['name']!r}: grads contain NaN or Inf")
+        return segment_sum(ids, grads)  # duplicates summed here: each shard gets unique ids, one array
+
+    def push_rows(self, name: str, ids, grads, *, wait: bool = True, timeout: float | None = None):
+        """Push gradients for rows of table ``name``: duplicate ids are summed, then applied once per row.
+
+        Each shard involved gets one message (its unique ids and one
+        ``(n, dim)`` array) and applies it exactly once; rows are created as
+        described in :meth:`register_table`. Blocking and errors as :meth:`push`
+        (KeyError: unknown table; ValueError: grads of the wrong shape or
+        dtype, or NaN/Inf; TypeError/ValueError: bad ids).
+        """
+        spec = self._table_spec(name)
+        unique, summed = self._row_grads(spec, ids, grads)
+        masks = self._by_shard(name, unique)
+        return self._send_push(lambda s, tag: self._shards[s].push_rows.remote(
+            (tag, name, unique[masks[s]], summed[masks[s]])), list(masks), lambda acks: None,
+            wait=wait, timeout=timeout)
+
+    def push_pull_rows(self, name: str, ids, grads, pull_ids, *, wait: bool = True, timeout: float | None = None):
+        """Push as :meth:`push_rows`, then pull ``pull_ids`` as :meth:`pull_rows`: one round trip per shard.
+
+        The rows returned include this push.
+        """
+        spec = self._table_spec(name)
+        unique, summed = self._row_grads(spec, ids, grads)
+        wanted, inverse = np.unique(as_ids(pull_ids), return_inverse=True)
+        push_masks, pull_masks = self._by_shard(name, unique), self._by_shard(name, wanted)
+        shards = sorted(set(push_masks) | set(pull_masks))
+        empty = np.zeros(len(unique), bool)
+
+        def call(s: int, tag: Tag):
+            push, pull = push_masks.get(s, empty), pull_masks.get(s, np.zeros(len(wanted), bool))
+            return self._shards[s].push_pull_rows.remote((tag, name, unique[push], summed[push], wanted[pull]))
+
+        return self._send_push(call, shards, lambda replies: _assemble(spec, wanted, inverse, shards, pull_masks,
+                                                                        replies), wait=wait, timeout=timeout)
+
     # ---- lifetime ------------------------------------------------------
     def shutdown(self) -> None:
         """Remove the shards and everything ``launch()`` started. Idempotent; no-op on copies."""
@@ -449,3 +610,13 @@ class Router:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _assemble(spec: dict, wanted: np.ndarray, inverse: np.ndarray, shards: list[int], masks: dict,
+              replies: list) -> np.ndarray:
+    """Rows of ``wanted`` from the shards' replies, in the caller's order (``inverse``)."""
+    out = np.empty((len(wanted), spec["dim"]), np.dtype(spec["dtype"]))
+    for s, rows in zip(shards, replies):
+        if s in masks:
+            out[masks[s]] = rows
+    return out[inverse.reshape(-1)]

@@ -31,8 +31,11 @@ import numpy as np
 
 from shardps import checkpoint
 from shardps.dedup import AppliedRecord, Tag
+from shardps.embedding import EmbeddingTable
 from shardps.errors import ShardUnavailableError
+from shardps.optim import optimizer_from_config
 from shardps.partition import HashPartitioner, Layout, SegmentState
+from shardps.table import initializer_from_config, shard_of_ids
 from shardps.wire import from_wire, to_wire
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,18 @@ class _Group:
                 yield ids[a:b], int(off[a]), int(off[b - 1] + size[b - 1]), int(data_at[a])
 
 
+def _tables_of_shard(entries: list[dict], rows: dict, shard: int, num_shards: int) -> dict:
+    """From a checkpoint's tables: this shard's rows of each, with its spec (as :meth:`ParameterShard.export`)."""
+    out = {}
+    for entry in entries:
+        name, all_rows = entry["name"], rows[entry["name"]]
+        mine = shard_of_ids(all_rows["ids"], name, num_shards) == shard
+        spec = {k: entry[k] for k in ("name", "dim", "dtype", "initializer", "optimizer", "seed", "min_count")}
+        spec["max_rows"] = None if entry["max_rows"] is None else -(-entry["max_rows"] // num_shards)
+        out[name] = {"spec": spec, "rows": {k: (v if k == "counts" else v[mine]) for k, v in all_rows.items()}}
+    return out
+
+
 def _fetched(messages: tuple) -> list:
     """``messages`` with any ObjectRef (a large replicated push) replaced by its value."""
     if not any(type(m).__name__ == "ObjectRef" for m in messages):
@@ -148,6 +163,8 @@ class ParameterShard:
         self.shard_id = shard_id
         self._optimizer = optimizer
         self._groups: dict[str, _Group] = {}
+        self._tables: dict[str, EmbeddingTable] = {}  # embedding tables' rows held here, by table name
+        self._table_specs: dict[str, dict] = {}  # what register_table received, by table name
         self._version = 0  # pushes applied so far
         self._applied = AppliedRecord()  # which (client, seq) pushes were applied: exactly once
         self._pushes = 0
@@ -194,7 +211,7 @@ class ParameterShard:
         manifest, why = None, f"there is no checkpoint in {checkpoint_dir}"
         try:
             if checkpoint_dir is not None and checkpoint.latest(checkpoint_dir) is not None:
-                manifest, params, state = checkpoint.read(checkpoint_dir)
+                manifest, params, state, tables = checkpoint.read(checkpoint_dir)
         except (OSError, ValueError) as exc:
             why = f"its checkpoint is unreadable: {exc}"
         if manifest is not None and store is not None and manifest.get("store") != store:
@@ -210,7 +227,8 @@ class ParameterShard:
             layout.add(key["name"], tuple(key["shape"]), np.dtype(key["dtype"]))
         mine = layout.state_message(self.shard_id, params, state, {k["name"]: k["step"] for k in manifest["keys"]})
         meta = manifest.get("shards", [{}] * num_shards)[self.shard_id]
-        self._load(mine, {"version": meta.get("version", 0), "applied": meta.get("applied", {})})
+        self._load(mine, {"version": meta.get("version", 0), "applied": meta.get("applied", {})},
+                   _tables_of_shard(manifest["tables"], tables, self.shard_id, num_shards))
         self._restored_step = manifest["step"]
         self._restored_from = "checkpoint"
         self._replica_in_sync = False  # the replica (if any) has other state: the next change sends it this
@@ -223,11 +241,14 @@ class ParameterShard:
         if self._blank:
             raise ShardUnavailableError(f"replica of shard {self.shard_id} restarted and has no state yet")
 
-    def _load(self, groups: dict, meta: dict) -> None:
-        """Replace everything held by ``groups`` (as :meth:`export` gives them) and ``meta``."""
-        self._groups = {}
+    def _load(self, groups: dict, meta: dict, tables: dict | None = None) -> None:
+        """Replace everything held by ``groups``, ``meta`` and ``tables`` (as :meth:`export` gives them)."""
+        self._groups, self._tables, self._table_specs = {}, {}, {}
         self._register({dt: (held.keys, held.sizes, held.params) for dt, held in groups.items()})
         self._load_state({dt: (held.state, held.steps) for dt, held in groups.items()})
+        for name, held in (tables or {}).items():
+            self._register_table(held["spec"])
+            self._tables[name].load(held["rows"])
         self._version = int(meta["version"])
         self._applied = AppliedRecord.from_json(meta["applied"])
 
@@ -370,6 +391,81 @@ class ParameterShard:
             raise ValueError(f"shard {self.shard_id}: push message does not match its {group.dtype} segments")
         return parts
 
+    # ---- embedding tables ------------------------------------------------
+    def register_table(self, spec: dict) -> None:
+        """Hold rows of a new table: ``spec`` = ``{"name", "dim", "dtype", "initializer", "optimizer"
+        (configs), "seed", "min_count", "max_rows" (this shard's cap or None)}``. Raises ``ValueError``.
+
+        Idempotent: the same spec again (a re-sent call) changes nothing; another spec for the name is refused.
+        """
+        self._check_alive()
+        if self._register_table(spec):
+            self._mirror("register_table", spec)
+
+    def _register_table(self, spec: dict) -> bool:
+        name = spec["name"]
+        if name in self._table_specs:
+            if self._table_specs[name] != spec:
+                raise ValueError(f"shard {self.shard_id}: table {name!r} is already registered differently")
+            return False
+        self._tables[name] = EmbeddingTable(
+            name, spec["dim"], dtype=np.dtype(spec["dtype"]), initializer=initializer_from_config(spec["initializer"]),
+            optimizer=optimizer_from_config(spec["optimizer"]), seed=spec["seed"], min_count=spec["min_count"],
+            max_rows=spec["max_rows"])
+        self._table_specs[name] = dict(spec)
+        return True
+
+    def _table(self, name: str) -> EmbeddingTable:
+        table = self._tables.get(name)
+        if table is not None:
+            return table
+        if self._restored_from == "checkpoint":
+            raise ShardUnavailableError(f"shard {self.shard_id} restarted from the checkpoint at step "
+                                        f"{self._restored_step}, which lacks table {name!r}: its rows are lost")
+        raise KeyError(f"shard {self.shard_id} holds no table {name!r}")
+
+    def pull_rows(self, packet: tuple) -> np.ndarray:
+        """``packet = (table, ids)`` -> ``(len(ids), dim)`` rows (initial values for ids without a row)."""
+        self._check_alive()
+        name, ids = packet
+        self._pulls += 1
+        return self._table(name).pull(ids)
+
+    def push_rows(self, packet: tuple) -> int:
+        """``packet = (tag, table, unique ids, grads)``: apply once per (client, seq), as :meth:`push_mean`.
+
+        Blocks until the replica (if any) applied it too. Raises ``ValueError`` before anything changes.
+        """
+        self._check_alive()
+        tag, name, ids, grads = packet
+        tag = Tag(*tag) if tag else Tag()
+        table = self._table(name)
+        if tag.client is not None and not self._applied.is_new(tag.client, tag.seq, tag.floor):
+            return self._version
+        pending = self._mirror_send("push_rows", packet)
+        table.push(ids, grads)  # validates before it changes anything
+        if tag.client is not None:
+            self._applied.add(tag.client, tag.seq)
+        if tag.base_version is not None:
+            self._staleness[max(0, self._version - tag.base_version)] += 1
+        self._version += 1
+        self._pushes += 1
+        self._mirror_wait(pending)
+        return self._version
+
+    def load_table(self, name: str, rows: dict) -> None:
+        """Replace table ``name``'s rows here (restore); see :meth:`EmbeddingTable.load`. Raises ``ValueError``."""
+        self._check_alive()
+        self._table(name).load(rows)
+        self._mirror("load_table", name, rows)
+
+    def push_pull_rows(self, packet: tuple) -> np.ndarray:
+        """``packet = (tag, table, ids, grads, pull ids)``: push (if any ids), then pull: one round trip."""
+        tag, name, ids, grads, pull_ids = packet
+        if ids is not None and len(ids):
+            self.push_rows((tag, name, ids, grads))
+        return self.pull_rows((name, pull_ids))
+
     def pull(self, packet: tuple = (None, None)) -> tuple[int, dict]:
         """Current values: ``packet = (segments, request)`` -> ``(version, {dtype: data})``.
 
@@ -402,7 +498,9 @@ class ParameterShard:
         return self.pull((segments, request)) if request is not None else (self._version, {})
 
     def export(self) -> tuple[dict, dict]:
-        """Everything this shard holds: ``({dtype: SegmentState}, meta)``.
+        """Everything this shard holds: ``({dtype: SegmentState}, meta, tables)``.
+
+        ``tables``: ``{name: {"spec": what register_table got, "rows": EmbeddingTable.export()}}``.
 
         The format of :meth:`Layout.state_message`. ``meta`` is ``{"version",
         "applied"}`` (the :class:`~shardps.dedup.AppliedRecord` as JSON), so
@@ -411,10 +509,12 @@ class ParameterShard:
         self._check_alive()
         groups = {dt: SegmentState(list(g.keys), g.sizes, g.params, g.state, g.steps)
                   for dt, g in self._groups.items()}
-        return groups, {"version": self._version, "applied": self._applied.to_json()}
+        tables = {name: {"spec": self._table_specs[name], "rows": table.export()}
+                  for name, table in self._tables.items()}
+        return groups, {"version": self._version, "applied": self._applied.to_json()}, tables
 
     # ---- replication ---------------------------------------------------
-    _MIRRORED = ("register", "push_mean", "load_state")
+    _MIRRORED = ("register", "push_mean", "load_state", "register_table", "push_rows", "load_table")
 
     def replicate(self, method: str, args: tuple) -> bool:
         """On a replica: apply a change its shard just made. False if this replica restarted and needs :meth:`adopt`."""
@@ -425,10 +525,10 @@ class ParameterShard:
         getattr(self, method)(*args)
         return True
 
-    def adopt(self, groups: dict, meta: dict) -> None:
+    def adopt(self, groups: dict, meta: dict, tables: dict | None = None) -> None:
         """On a replica: replace everything with its shard's :meth:`export`."""
         self._blank = False
-        self._load(groups, meta)
+        self._load(groups, meta, tables)
 
     def _mirror(self, method: str, *args) -> None:
         """Apply the change just made here on the replica too; blocks until it has."""
@@ -502,6 +602,7 @@ class ParameterShard:
             "keys": int(sum(len(g.keys) for g in self._groups.values())),
             "segments": int(sum(len(g.sizes) for g in self._groups.values())),
             "bytes": int(sum(g.params.nbytes for g in self._groups.values())),
+            "tables": {name: {"rows": len(table), "bytes": table.nbytes} for name, table in self._tables.items()},
             "pushes": self._pushes,
             "pulls": self._pulls,
             "version": self._version,

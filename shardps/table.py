@@ -110,6 +110,30 @@ class Normal:
         return (self.std * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(dtype)
 
 
+INITIALIZERS = {"zeros": Zeros, "uniform": Uniform, "normal": Normal}
+
+
+def initializer_config(init) -> dict:
+    """JSON-safe ``{"name": ..., **arguments}`` of an initializer; raises ``ValueError`` for anything else."""
+    for name, cls in INITIALIZERS.items():
+        if type(init) is cls:
+            return {"name": name, **{k: getattr(init, k) for k in cls.__dataclass_fields__}}
+    raise ValueError(f"Argument `initializer` must be shardps.Zeros(), Uniform(a, b) or Normal(std). "
+                     f"Received: {init!r}")
+
+
+def initializer_from_config(config: dict):
+    """Inverse of :func:`initializer_config`. Raises ``ValueError``."""
+    config = dict(config)
+    cls = INITIALIZERS.get(config.pop("name", None))
+    if cls is None:
+        raise ValueError(f"unknown initializer {config!r}; expected one of {sorted(INITIALIZERS)}")
+    try:
+        return cls(**config)
+    except TypeError as exc:
+        raise ValueError(f"initializer arguments {config!r}: {exc}") from None
+
+
 def segment_sum(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(unique ids ascending, summed rows)``: rows of equal ids added up (sort-based, vectorised)."""
     ids = as_ids(ids)

@@ -69,7 +69,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_intact(make_ps, tmp_path, mon
     monkeypatch.undo()
     assert checkpoint.latest(tmp_path) == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", first.name]  # no temporary left
-    _, params, _ = checkpoint.read(tmp_path)
+    params = checkpoint.read(tmp_path).params
     for key in SHAPES:
         np.testing.assert_array_equal(params[key], before[key])
 
@@ -106,12 +106,12 @@ def test_resaving_the_same_step_is_crash_safe_at_every_rename(make_ps, tmp_path,
     with pytest.raises(OSError, match="power cut"):
         ps.save(tmp_path)
     monkeypatch.undo()
-    _, params, _ = checkpoint.read(tmp_path)
+    params = checkpoint.read(tmp_path).params
     for key in SHAPES:
         np.testing.assert_array_equal(params[key], before[key])
     after = ps.pull()
     ps.save(tmp_path)  # and a later save of the same step wins
-    _, params, _ = checkpoint.read(tmp_path)
+    params = checkpoint.read(tmp_path).params
     np.testing.assert_array_equal(params["b"], after["b"])
 
 
@@ -214,7 +214,7 @@ def test_members_the_manifest_does_not_name_are_never_read(make_ps, tmp_path):
     folder = ps.save(tmp_path)
     with zipfile.ZipFile(folder / "arrays.npz", "a") as z:
         z.writestr("extra.npy", _npy_header((10**12,)))
-    _, params, _ = checkpoint.read(tmp_path)
+    params = checkpoint.read(tmp_path).params
     assert set(params) == set(SHAPES)
 
 
@@ -236,7 +236,7 @@ def test_restarted_shard_rebuilds_exactly_its_own_part(make_ps, tmp_path):
             for i, shard in enumerate(store.shards):
                 fresh = shardps.ParameterShard(i, Adam(lr=0.01))
                 fresh._recover(str(tmp_path), num_shards=2, block_bytes=4096)  # what __init__ does after a crash
-                (want, _), (got, _) = ray.get(shard.export.remote()), fresh.export()
+                (want, _, _), (got, _, _) = ray.get(shard.export.remote()), fresh.export()
                 assert set(got) == set(want)
                 for dtype, (keys, sizes, params, state, steps) in want.items():
                     assert got[dtype][0] == keys

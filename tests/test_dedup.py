@@ -77,6 +77,6 @@ def test_a_shard_keeps_a_bounded_number_of_client_records():
     shard.register({F32: (["w"], [1], np.zeros(1, np.float32))})
     for client in range(2000):
         shard.push_mean(Tag(f"copy-{client}", 0, 0), {F32: (None, np.ones(1, np.float32))})
-    _, meta = shard.export()
+    _, meta, _ = shard.export()
     assert len(meta["applied"]) == MAX_CLIENTS < 2000
     assert shard.stats()["pushes"] == 2000

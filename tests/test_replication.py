@@ -29,7 +29,7 @@ def _pid(actor) -> int:
 def _same_export(ps) -> None:
     """Each shard and its replica hold identical parameters, optimizer state, steps and dedupe tables."""
     for shard, replica in zip(ps.shards, ps.replicas):
-        (mine, meta), (theirs, their_meta) = ray.get([shard.export.remote(), replica.export.remote()])
+        (mine, meta, _), (theirs, their_meta, _) = ray.get([shard.export.remote(), replica.export.remote()])
         assert meta == their_meta and set(mine) == set(theirs)
         for dtype, (keys, sizes, params, state, steps) in mine.items():
             assert theirs[dtype][0] == keys

@@ -113,7 +113,7 @@ def test_adopting_an_export_copies_everything():
         shard_.push_mean(("c", 0, None), {F32: (None, np.ones(7, np.float32))})
         shard_.push_mean(("c", 1, None), {F32: (None, np.ones(7, np.float32))})
     np.testing.assert_array_equal(pulled(copy), pulled(shard))
-    (want, meta), (got, got_meta) = shard.export(), copy.export()
+    (want, meta, _), (got, got_meta, _) = shard.export(), copy.export()
     assert meta == got_meta
     np.testing.assert_array_equal(got[F32][4], want[F32][4])  # per-segment Adam steps
     np.testing.assert_array_equal(got[F32][3]["m"], want[F32][3]["m"])

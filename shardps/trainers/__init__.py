@@ -102,12 +102,13 @@ def _open_store(config: TrainConfig, model):
     launch_kwargs = {"address": config.address, "num_cpus": config.num_cpus, "replicas": config.replicas,
                      "max_restarts": config.max_restarts if recoverable else 0, "checkpoint_dir": config.checkpoint_dir}
     if config.resume and checkpoint.latest(config.checkpoint_dir) is not None:
-        manifest, params, state = checkpoint.read(config.checkpoint_dir)
+        saved = checkpoint.read(config.checkpoint_dir)
+        manifest, params = saved.manifest, saved.params
         if set(params) != set(model.names):
             raise ValueError(f"checkpoint in {config.checkpoint_dir} holds {sorted(params)[:4]}..., "
                              f"not the weights of model {config.model!r}")
         log.warning("resuming from %s at step %d", checkpoint.latest(config.checkpoint_dir), manifest["step"])
-        ps = launch_from(manifest, params, state, num_shards=config.num_shards, **launch_kwargs)
+        ps = launch_from(saved, num_shards=config.num_shards, **launch_kwargs)
         if manifest["num_shards"] != config.num_shards:  # a restarting shard needs a checkpoint of this layout
             _or_shutdown(ps, lambda: ps.save(config.checkpoint_dir, step=manifest["step"]))
         return ps, manifest["step"]

@@ -1,0 +1,153 @@
+"""Embedding tables on real shards: N shards vs one in-process table, restore, replicas, bad input."""
+import numpy as np
+import pytest
+import ray
+
+import shardps
+from shardps import SGD, Adagrad, Adam
+from shardps.embedding import EmbeddingTable
+from shardps.optim import FTRL
+from shardps.table import Normal, Uniform, Zeros
+from tests.conftest import kill_and_wait
+
+DIM = 4
+
+
+def _batches(seed=0, n=6, size=40, vocab=60):
+    """Batches with duplicate ids, ids far apart and ids never pushed before."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        ids = rng.integers(-vocab // 2, vocab, size) * 10**9  # spread over the int64 range
+        yield ids, rng.standard_normal((size, DIM)).astype(np.float32)
+
+
+@pytest.mark.parametrize("opt", [SGD(lr=0.1), Adagrad(lr=0.1), Adam(lr=0.01), FTRL(lr=0.1, l1=0.01)],
+                         ids=lambda o: type(o).__name__)
+def test_sharded_table_equals_one_in_process_table(make_ps, num_shards, opt):
+    ps = make_ps(num_shards)
+    ps.register_table("user", DIM, initializer=Uniform(-0.1, 0.1), optimizer=opt, seed=3)
+    oracle = EmbeddingTable("user", DIM, initializer=Uniform(-0.1, 0.1), optimizer=opt, seed=3)
+    probe = np.arange(-40, 70) * 10**9
+    for i, (ids, grads) in enumerate(_batches()):
+        if i % 2:
+            got = ps.push_pull_rows("user", ids, grads, probe[::-1])
+            oracle.push(ids, grads)
+            np.testing.assert_array_equal(got, oracle.pull(probe[::-1]))
+        else:
+            ps.push_rows("user", ids, grads)
+            oracle.push(ids, grads)
+    np.testing.assert_array_equal(ps.pull_rows("user", probe), oracle.pull(probe))
+    info = ps.tables()["user"]
+    assert info["rows"] == len(oracle) == sum(info["rows_per_shard"])
+    assert info["dim"] == DIM and info["bytes"] > 0
+
+
+def test_rows_spread_and_initial_values_do_not_depend_on_the_shard_count(make_ps):
+    ids = np.arange(3000)
+    pulled = []
+    for num_shards in (1, 3):
+        ps = make_ps(num_shards)
+        ps.register_table("item", DIM, initializer=Normal(0.1), seed=1)
+        pulled.append(ps.pull_rows("item", ids))
+        assert ps.tables()["item"]["rows"] == 0  # a pull creates nothing
+        ps.push_rows("item", ids, np.zeros((len(ids), DIM), np.float32))
+        per_shard = ps.tables()["item"]["rows_per_shard"]
+        assert sum(per_shard) == 3000 and max(per_shard) <= 1.1 * 3000 / num_shards
+    np.testing.assert_array_equal(pulled[0], pulled[1])
+
+
+@pytest.mark.parametrize("restore_shards", [1, 3, 5])
+def test_tables_restore_into_any_shard_count_bit_identically(make_ps, tmp_path, restore_shards):
+    ps = make_ps(2)
+    ps.register({"w": np.ones(5, np.float32)})
+    ps.register_table("user", DIM, initializer=Uniform(), optimizer=Adam(lr=0.01), seed=2)
+    ps.register_table("wide", 1, initializer=Zeros(), optimizer=FTRL(lr=0.1), max_rows=500)
+    for ids, grads in _batches(1):
+        ps.push_rows("user", ids, grads)
+        ps.push_rows("wide", ids, grads[:, :1])
+    ps.save(tmp_path)
+    restored = shardps.restore(tmp_path, num_shards=restore_shards)
+    try:
+        probe = np.arange(-40, 70) * 10**9
+        for name in ("user", "wide"):
+            np.testing.assert_array_equal(restored.pull_rows(name, probe), ps.pull_rows(name, probe))
+            assert restored.tables()[name]["rows"] == ps.tables()[name]["rows"]
+        ids, grads = next(_batches(7))  # and the optimizer state came along: one more push agrees
+        for store in (ps, restored):
+            store.push_rows("user", ids, grads)
+        np.testing.assert_array_equal(restored.pull_rows("user", probe), ps.pull_rows("user", probe))
+        np.testing.assert_array_equal(restored.pull(["w"])["w"], np.ones(5, np.float32))
+    finally:
+        restored.shutdown()
+
+
+def test_replicated_table_loses_no_acknowledged_row_push(make_ps):
+    ps = make_ps(2, replicas=2, max_restarts=4)
+    ps.register_table("t", 2, initializer=Zeros(), optimizer=SGD(lr=-1.0))  # a push adds
+    ids = np.arange(200)
+    ones = np.ones((200, 2), np.float32)
+    pending = []
+    for i in range(30):
+        if i in (10, 20):
+            kill_and_wait(ps.shards[0] if i == 10 else ps.replicas[1])
+        pending.append(ps.push_rows("t", ids, ones, wait=False))
+        while len(pending) > 2:
+            pending.pop(0).wait(timeout=120)
+    for handle in pending:
+        handle.wait(timeout=120)
+    np.testing.assert_array_equal(ps.pull_rows("t", ids), np.full((200, 2), 30, np.float32))
+    assert ps.stats()[0]["restored_from"] == "replica"
+
+
+def test_restarted_shard_reloads_its_rows_from_the_checkpoint(make_ps, tmp_path):
+    ps = make_ps(2, checkpoint_dir=tmp_path, max_restarts=1)
+    ps.register_table("t", 2, initializer=Zeros(), optimizer=SGD(lr=-1.0))
+    ids = np.arange(100)
+    ps.push_rows("t", ids, np.ones((100, 2), np.float32))
+    ps.save(tmp_path)
+    ps.push_rows("t", ids, np.ones((100, 2), np.float32))  # lost on shard 0 when it dies
+    kill_and_wait(ps.shards[0])
+    rows = ps.pull_rows("t", ids)[:, 0]
+    on_0 = shardps.table.shard_of_ids(ids, "t", 2) == 0
+    assert (rows[on_0] == 1).all() and (rows[~on_0] == 2).all()
+
+
+@ray.remote(num_cpus=0.1)
+def _push_from_a_task(router):
+    router.push_rows("t", np.array([1, 1, 2]), np.ones((3, 2), np.float32))
+    return router.pull_rows("t", np.array([1, 2]))
+
+
+def test_router_copies_in_tasks_push_and_pull_rows(make_ps):
+    ps = make_ps(2)
+    ps.register_table("t", 2, initializer=Zeros(), optimizer=SGD(lr=-1.0))
+    np.testing.assert_array_equal(ray.get(_push_from_a_task.remote(ps)), [[2, 2], [1, 1]])
+    np.testing.assert_array_equal(ps.pull_rows("t", [2, 1]), [[1, 1], [2, 2]])
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda ps: ps.pull_rows("nope", [1]), KeyError),
+    (lambda ps: ps.pull_rows("t", [1.5]), TypeError),
+    (lambda ps: ps.pull_rows("t", np.array(["1"])), TypeError),
+    (lambda ps: ps.pull_rows("t", [True]), TypeError),
+    (lambda ps: ps.pull_rows("t", [[1]]), ValueError),
+    (lambda ps: ps.pull_rows("t", np.array([2**63], np.uint64)), ValueError),
+    (lambda ps: ps.push_rows("t", [1, 2], np.ones((1, 2))), ValueError),
+    (lambda ps: ps.push_rows("t", [1], np.array([[np.nan, 1]])), ValueError),
+    (lambda ps: ps.push_rows("t", [1], np.array([[1j, 1]])), ValueError),
+    (lambda ps: ps.register_table("t", 2), ValueError),  # exists
+    (lambda ps: ps.register_table("w", 2), ValueError),  # a dense key's name
+    (lambda ps: ps.register_table("u", 0), ValueError),
+    (lambda ps: ps.register_table("u", 2, initializer="glorot"), ValueError),
+    (lambda ps: ps.register_table("u", 2, max_rows=0), ValueError),
+    (lambda ps: ps.register_table("u", 2, optimizer=shardps.Momentum()), ValueError),
+])
+def test_bad_table_calls_raise_and_change_nothing(make_ps, call, error):
+    ps = make_ps(2)
+    ps.register({"w": np.zeros(3, np.float32)})
+    ps.register_table("t", 2, initializer=Zeros(), optimizer=SGD(lr=-1.0))
+    ps.push_rows("t", [1], np.ones((1, 2), np.float32))
+    with pytest.raises(error):
+        call(ps)
+    assert set(ps.tables()) == {"t"} and ps.tables()["t"]["rows"] == 1
+    np.testing.assert_array_equal(ps.pull_rows("t", [1, 2]), [[1, 1], [0, 0]])
