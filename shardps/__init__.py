@@ -7,14 +7,15 @@ import importlib
 
 __all__ = [
     "launch", "restore", "Router", "Handle", "HashPartitioner", "ParameterShard",
-    "SGD", "Momentum", "Adam", "Adagrad", "ShardUnavailableError",
+    "SGD", "Momentum", "Adam", "Adagrad", "FTRL", "Zeros", "Uniform", "Normal", "ShardUnavailableError",
     "train", "TrainConfig", "History",
 ]
 
 _HOME = {
     "launch": "shardps.cluster", "restore": "shardps.cluster", "Router": "shardps.router",
     "Handle": "shardps.handle", "HashPartitioner": "shardps.partition", "ParameterShard": "shardps.shard",
-    "SGD": "shardps.optim", "Momentum": "shardps.optim", "Adam": "shardps.optim", "Adagrad": "shardps.optim",
+    "SGD": "shardps.optim", "Momentum": "shardps.optim", "Adam": "shardps.optim", "Adagrad": "shardps.optim", "FTRL": "shardps.optim",
+    "Zeros": "shardps.table", "Uniform": "shardps.table", "Normal": "shardps.table",
     "ShardUnavailableError": "shardps.errors", "train": "shardps.trainers", "TrainConfig": "shardps.config",
     "History": "shardps.trainers",
 }

@@ -124,3 +124,62 @@ def _registrable(value) -> bool:
     except (ValueError, TypeError):
         return False
     return arr.dtype.kind == "f" and arr.size > 0 and bool(np.isfinite(arr).all())
+
+
+# ---- embedding tables ------------------------------------------------------
+TABLE_DIM = 3
+
+
+@pytest.fixture(scope="module")
+def table_store(ray_session):
+    """A 2-shard table and the same table in process (the oracle), fed the same accepted pushes."""
+    from shardps.embedding import EmbeddingTable
+
+    ps = shardps.launch(2, optimizer=shardps.SGD(lr=-1.0))
+    ps.register_table("t", TABLE_DIM, initializer=shardps.Uniform(-1, 1), optimizer=shardps.Adagrad(lr=0.1))
+    oracle = EmbeddingTable("t", TABLE_DIM, initializer=shardps.Uniform(-1, 1), optimizer=shardps.Adagrad(lr=0.1))
+    yield ps, oracle
+    ps.shutdown()
+
+
+id_values = st.one_of(
+    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=6).map(lambda v: np.array(v, np.int64)),
+    st.lists(st.integers(0, 2**64 - 1), max_size=3).map(lambda v: np.array(v, np.uint64)),
+    st.lists(st.integers(-5, 5), max_size=6).map(lambda v: np.array(v, np.int32)),
+    values(),
+)
+PROBE = np.array([-(2**63), -1, 0, 1, 2, 5, 2**62, 2**63 - 1], np.int64)
+
+
+def _valid_rows(ids, grads) -> bool:
+    if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu" or ids.dtype == np.bool_ or ids.ndim != 1:
+        return False
+    if ids.dtype == np.uint64 and ids.size and ids.max() > 2**63 - 1:
+        return False
+    if not isinstance(grads, np.ndarray) or grads.shape != (len(ids), TABLE_DIM) or grads.dtype.kind not in "biuf":
+        return False
+    if not np.can_cast(grads.dtype, np.float32, "same_kind"):
+        return False
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(grads.astype(np.float32)).all())
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=id_values, fitting=st.booleans(), other=values(), fill=special)
+def test_push_rows_accepts_exactly_the_valid_pushes_and_matches_the_oracle(table_store, ids, fitting, other, fill):
+    ps, oracle = table_store
+    rows = len(ids) if isinstance(ids, np.ndarray) and ids.ndim == 1 else 2
+    grads = np.full((rows, TABLE_DIM), fill, np.float64) if fitting else other  # half the time the right shape
+    before = ps.pull_rows("t", PROBE)
+    try:
+        with np.errstate(all="ignore"):
+            ps.push_rows("t", ids, grads)
+    except DOCUMENTED:
+        assert not _valid_rows(ids, grads)
+        np.testing.assert_array_equal(ps.pull_rows("t", PROBE), before)
+        return
+    assert _valid_rows(ids, grads)
+    oracle.push(ids, grads.astype(np.float32))
+    np.testing.assert_array_equal(ps.pull_rows("t", PROBE), oracle.pull(PROBE))
+    if len(ids):
+        np.testing.assert_array_equal(ps.pull_rows("t", ids), oracle.pull(ids))
