@@ -45,7 +45,7 @@ from shardps.handle import Handle
 from shardps.embedding import EmbeddingTable
 from shardps.optim import Adagrad, optimizer_config
 from shardps.partition import KeySpec, Layout
-from shardps.table import Uniform, as_ids, initializer_config, segment_sum, shard_of_ids
+from shardps.table import Uniform, as_ids, initializer_config, rows_per_shard, segment_sum, shard_of_ids
 from shardps.wire import INLINE_BYTES, all_finite, from_wire, join, message_bytes, to_wire
 
 _NUMERIC_KINDS = "biuf"
@@ -471,8 +471,9 @@ class Router:
             raise ValueError(f"Argument `dtype` must be a floating-point type. Received: {dtype!r}")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"Argument `seed` must be an integer >= 0. Received: {seed!r}")
-        per_shard = None if max_rows is None else -(-max_rows // self.num_shards) if isinstance(max_rows, int) \
-            and not isinstance(max_rows, bool) and max_rows >= 1 else max_rows
+        if max_rows is not None and (not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1):
+            raise ValueError(f"Argument `max_rows` must be an integer >= 1 or None. Received: {max_rows!r}")
+        per_shard = rows_per_shard(max_rows, self.num_shards)
         EmbeddingTable(name, dim, initializer=initializer, optimizer=optimizer, dtype=dtype, seed=seed,
                        min_count=min_count, max_rows=per_shard, count_slots=16)  # checks every argument
         spec = {"name": name, "dim": dim, "dtype": np.dtype(dtype).str, "initializer": initializer_config(initializer),
@@ -525,24 +526,12 @@ class Router:
             TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
         """
         spec = self._table_spec(name)
-        unique, inverse = np.unique(as_ids(ids), return_inverse=True)
-        return self._rows_call(spec, unique, inverse, lambda s, mask: self._shards[s].pull_rows.remote(
-            (name, unique[mask])), wait=wait, timeout=timeout)
-
-    def _rows_call(self, spec: dict, unique: np.ndarray, inverse: np.ndarray, call: Callable, *, wait: bool,
-                   timeout: float | None, masks: dict | None = None):
-        """Send ``call(shard, mask)`` per shard holding some of ``unique``; gather rows in the caller's order."""
+        wanted, inverse = np.unique(as_ids(ids), return_inverse=True)
         self._check_open()
-        masks = self._by_shard(spec["name"], unique) if masks is None else masks
-        asked = list(masks)
-
-        def finish(replies: list) -> np.ndarray:
-            out = np.empty((len(unique), spec["dim"]), np.dtype(spec["dtype"]))
-            for s, rows in zip(asked, replies):
-                out[masks[s]] = rows
-            return out[inverse.reshape(-1)]
-
-        handle = Handle([call(s, masks[s]) for s in asked], finish)
+        masks = self._by_shard(name, wanted)
+        shards = list(masks)
+        refs = [self._shards[s].pull_rows.remote((name, wanted[masks[s]])) for s in shards]
+        handle = Handle(refs, lambda replies: _assemble(spec, wanted, inverse, shards, masks, replies))
         return handle.wait(timeout) if wait else handle
 
     def _row_grads(self, spec: dict, ids, grads) -> tuple[np.ndarray, np.ndarray]:

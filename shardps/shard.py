@@ -35,7 +35,7 @@ from shardps.embedding import EmbeddingTable
 from shardps.errors import ShardUnavailableError
 from shardps.optim import optimizer_from_config
 from shardps.partition import HashPartitioner, Layout, SegmentState
-from shardps.table import initializer_from_config, shard_of_ids
+from shardps.table import initializer_from_config, rows_per_shard, shard_of_ids
 from shardps.wire import from_wire, to_wire
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _tables_of_shard(entries: list[dict], rows: dict, shard: int, num_shards: in
         name, all_rows = entry["name"], rows[entry["name"]]
         mine = shard_of_ids(all_rows["ids"], name, num_shards) == shard
         spec = {k: entry[k] for k in ("name", "dim", "dtype", "initializer", "optimizer", "seed", "min_count")}
-        spec["max_rows"] = None if entry["max_rows"] is None else -(-entry["max_rows"] // num_shards)
+        spec["max_rows"] = rows_per_shard(entry["max_rows"], num_shards)
         out[name] = {"spec": spec, "rows": {k: (v if k == "counts" else v[mine]) for k, v in all_rows.items()}}
     return out
 

@@ -61,6 +61,11 @@ def shard_of_ids(ids: np.ndarray, name: str, num_shards: int) -> np.ndarray:
     return (mix64(as_ids(ids).view(np.uint64) ^ name_salt(name)) % np.uint64(num_shards)).astype(np.int64)
 
 
+def rows_per_shard(max_rows: int | None, num_shards: int) -> int | None:
+    """Each shard's share of a table's ``max_rows``: ceil(max_rows / num_shards) (None: no limit)."""
+    return None if max_rows is None else -(-max_rows // num_shards)
+
+
 def _uniform01(ids: np.ndarray, salt: np.uint64, columns: int, stream: int = 0) -> np.ndarray:
     """Counter-based uniforms in [0, 1): one per (id, column), a pure function of (salt, id, column, stream)."""
     base = mix64(ids.view(np.uint64) ^ salt)[:, None]
