@@ -319,6 +319,10 @@ class ParameterShard:
                     state = {name: buf[a:b] for name, buf in group.state.items()}
                     self._optimizer.apply(group.params[a:b], grad[a - lo:b - lo], state, step)
             group.steps[ids] += 1
+        return self._applied_push(tag, pending)
+
+    def _applied_push(self, tag: Tag, pending) -> int:
+        """Bookkeeping after a push was applied here: record it, count it, wait for the replica. Returns the version."""
         if tag.client is not None:
             self._applied.add(tag.client, tag.seq)
         if tag.base_version is not None:
@@ -444,14 +448,7 @@ class ParameterShard:
             return self._version
         pending = self._mirror_send("push_rows", packet)
         table.push(ids, grads)  # validates before it changes anything
-        if tag.client is not None:
-            self._applied.add(tag.client, tag.seq)
-        if tag.base_version is not None:
-            self._staleness[max(0, self._version - tag.base_version)] += 1
-        self._version += 1
-        self._pushes += 1
-        self._mirror_wait(pending)
-        return self._version
+        return self._applied_push(tag, pending)
 
     def load_table(self, name: str, rows: dict) -> None:
         """Replace table ``name``'s rows here (restore); see :meth:`EmbeddingTable.load`. Raises ``ValueError``."""

@@ -72,11 +72,12 @@ class Crew:
         self._wait_up([self.actors[i]])
 
     def dead(self) -> list[int]:
-        """Indices of the workers whose actor is gone. Blocks for one call to each."""
+        """Indices of the workers whose actor is gone. Blocks until each answered one call."""
+        pings = [worker.pid.remote() for worker in self.actors]  # all in flight at once
         dead = []
-        for i, worker in enumerate(self.actors):
+        for i, ping in enumerate(pings):
             try:
-                ray.get(worker.pid.remote(), timeout=WORKER_START_TIMEOUT_S)
+                ray.get(ping, timeout=WORKER_START_TIMEOUT_S)
             except RayActorError:
                 dead.append(i)
         return dead
