@@ -152,11 +152,16 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-out/cluster"))
     p.add_argument("--replication", action="store_true",
                    help="instead of the sweep: replicas=2 vs none at servers/2 shards (benchmarks.replication)")
+    p.add_argument("--tables", action="store_true",
+                   help="instead of the sweep: embedding tables, 1 to servers shards and the dict actor "
+                        "(benchmarks.tables at 1e6 ids, dim 64, Zipf)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         p.error("needs root (network namespaces and tc)")
     if args.replication:
         return _replication(args)
+    if args.tables:
+        return _tables(args)
     shards = [s for s in (1, 2, 4, 8) if s <= args.servers]
     with EmulatedCluster(args.servers, server_mbit=args.server_mbit, client_mbit=args.client_mbit or None) as c:
         c.in_client([sys.executable, "-m", "benchmarks.ps_throughput", "--address", c.address, "--node-ip", _ip(0),
@@ -175,6 +180,22 @@ def _replication(args) -> None:
         c.in_client([sys.executable, "-m", "benchmarks.replication", "--address", c.address, "--node-ip", _ip(0),
                      "--server-resources", json.dumps({"server": 0.01}), "--shards", str(args.servers // 2),
                      "--workloads", *args.workloads, "--rounds", str(args.repeats), "--out", str(args.out)])
+
+
+def _tables(args) -> None:
+    """benchmarks.tables on the emulated hosts: one shard per server host, the dict actor on one too."""
+    shards = [s for s in (1, 2, 4, 8) if s <= args.servers]
+    with EmulatedCluster(args.servers, server_mbit=args.server_mbit, client_mbit=args.client_mbit or None) as c:
+        c.in_client([sys.executable, "-m", "benchmarks.tables", "--address", c.address, "--node-ip", _ip(0),
+                     "--server-resources", json.dumps({"server": 0.01}), "--vocab", "1e6", "--dims", "64",
+                     "--dists", "zipf", "--shards", *map(str, shards), "--rounds", str(args.repeats),
+                     "--memory-rows", "--no-numpy-baseline", "--out", str(args.out)])
+    rows = [r for r in json.loads((args.out / "tables.json").read_text()) if r["system"] == "shardps"]
+    rows_s = {(r["shards"], r["op"]): r["rows_s"] for r in rows}
+    targets = [{"target": f"tables {op}, {max(shards)} shards vs 1 >= 3x", "value": rows_s[max(shards), op] / rows_s[1, op],
+                "ok": rows_s[max(shards), op] / rows_s[1, op] >= 3} for op in ("pull_rows", "push_rows", "push_pull_rows")]
+    write_rows(args.out, "cluster_table_targets", targets)
+    print_table(targets, ["target", "value", "ok"])
 
 
 def speedups(rows: list[dict], shards: int) -> list[dict]:

@@ -102,7 +102,7 @@ def _table_arrays(j: int, name: str, spec: dict, held: list[dict], arrays: dict)
     they restore into any shard count; admission counters are summed.
     """
     parts = [h[name]["rows"] for h in held if name in h]
-    for field in [k for k in parts[0] if k not in ("counts", "clock")]:
+    for field in [k for k in parts[0] if k != "counts"]:
         arrays[f"t{j}.{field}"] = np.concatenate([p[field] for p in parts])
     counts = np.sum([p["counts"].astype(np.int64) for p in parts], axis=0)
     arrays[f"t{j}.counts"] = np.minimum(counts, 255).astype(np.uint8)

@@ -59,8 +59,8 @@ class EmbeddingTable:
         self._index = RowIndex()
         self._params = np.empty((0, dim), self.dtype)
         self._state = {slot: np.empty((0, dim), self.dtype) for slot in optimizer.slots()}
-        self._steps = np.empty(0, np.int64)  # updates per row (lazy Adam's t)
-        self._touched = np.empty(0, np.int64)  # logical time of each row's last update (eviction order)
+        self._steps = np.empty(0, np.int32)  # updates per row (lazy Adam's t)
+        self._touched = np.empty(0, np.int32)  # logical time of each row's last update (eviction order)
         self._clock = 0
         self._counts = np.zeros(count_slots if min_count > 1 else 0, np.uint8)
         self._salt = name_salt(name, seed)
@@ -70,12 +70,12 @@ class EmbeddingTable:
 
     def export(self) -> dict[str, np.ndarray]:
         """Every row, ids ascending: ``ids``, ``params``, ``slot.<name>``, ``steps``, ``touched``; plus
-        ``counts`` (admission counters) and ``clock``. What :meth:`load` takes."""
+        ``counts`` (admission counters). What :meth:`load` takes."""
         ids, slots = self._index.items()
         order = np.argsort(ids, kind="stable")
         ids, slots = ids[order], slots[order]
-        return {"ids": ids, "params": self._params[slots], "steps": self._steps[slots],
-                "touched": self._touched[slots], "counts": self._counts.copy(), "clock": np.array(self._clock),
+        return {"ids": ids, "params": self._params[slots], "steps": self._steps[slots].astype(np.int64),
+                "touched": self._touched[slots].astype(np.int64), "counts": self._counts.copy(),
                 **{f"slot.{name}": buf[slots] for name, buf in self._state.items()}}
 
     def load(self, rows: dict) -> None:
@@ -90,32 +90,38 @@ class EmbeddingTable:
                 or np.shape(rows["steps"]) != (n,) or np.shape(rows["touched"]) != (n,) \
                 or np.shape(rows["counts"]) != self._counts.shape or len(np.unique(ids)) != n:
             raise ValueError(f"table {self.name!r}: saved rows do not fit (dim {self.dim}, slots {sorted(self._state)})")
-        self._index = RowIndex(2 * n)
+        self._index = RowIndex()
         self._params = np.empty((0, self.dim), self.dtype)
         self._state = {name: np.empty((0, self.dim), self.dtype) for name in self._state}
-        self._steps, self._touched = np.empty(0, np.int64), np.empty(0, np.int64)
+        self._steps, self._touched = np.empty(0, np.int32), np.empty(0, np.int32)
         at = self._index.insert(ids)
         self._grow(n)
         self._params[at] = rows["params"]
         for name, buf in self._state.items():
             buf[at] = rows[f"slot.{name}"]
-        self._steps[at], self._touched[at] = rows["steps"], rows["touched"]
+        times, order = np.unique(np.asarray(rows["touched"]), return_inverse=True)  # dense, same order: fits int32
+        self._steps[at] = np.minimum(rows["steps"], np.iinfo(np.int32).max)
+        self._touched[at] = order
         self._counts[:] = rows["counts"]
-        self._clock = int(rows.get("clock", int(np.max(rows["touched"], initial=-1)) + 1))
+        self._clock = len(times)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: rows, optimizer slots, per-row counters, index and admission counters."""
-        rows = self._params.nbytes + sum(a.nbytes for a in self._state.values())
-        return rows + self._steps.nbytes + self._touched.nbytes + self._index.nbytes + self._counts.nbytes
+        """Bytes in use: rows, optimizer slots and per-row counters of every slot handed out so far,
+        the index and the admission counters (the row arrays' never-written tail is not counted:
+        see :meth:`_grow`)."""
+        per_row = self.dim * self.dtype.itemsize * (1 + len(self._state)) + self._steps.itemsize + self._touched.itemsize
+        return self._index.slots_used * per_row + self._index.nbytes + self._counts.nbytes
 
     def pull(self, ids) -> np.ndarray:
         """``(len(ids), dim)`` rows; ids without a row get their initial value. Creates nothing."""
         ids = as_ids(ids)
         slots = self._index.lookup(ids)
-        out = np.empty((len(ids), self.dim), self.dtype)
         have = slots >= 0
-        out[have] = self._params[slots[have]]
+        if have.any():
+            out = np.take(self._params, np.where(have, slots, 0), axis=0)
+        else:
+            out = np.empty((len(ids), self.dim), self.dtype)
         if not have.all():
             out[~have] = self.initializer.rows(ids[~have], self.dim, name=self.name, seed=self.seed, dtype=self.dtype)
         return out
@@ -140,8 +146,8 @@ class EmbeddingTable:
             slots[new] = self._create(ids[new], keep=slots[~new])
             kept = slots >= 0  # rows the eviction bound had no room for are dropped
             ids, grads, slots = ids[kept], grads[kept], slots[kept]
-        params = self._params[slots]
-        state = {name: buf[slots] for name, buf in self._state.items()}
+        params = np.take(self._params, slots, axis=0)
+        state = {name: np.take(buf, slots, axis=0) for name, buf in self._state.items()}
         self.optimizer.apply(params, grads, state, self._steps[slots][:, None])
         self._params[slots] = params
         for name, buf in self._state.items():
@@ -149,6 +155,9 @@ class EmbeddingTable:
         self._steps[slots] += 1
         self._touched[slots] = self._clock
         self._clock += 1
+        if self._clock == np.iinfo(np.int32).max:  # renumber the update times densely, keeping their order
+            times, self._touched[:] = np.unique(self._touched, return_inverse=True)
+            self._clock = len(times)
 
     def _admit(self, unseen: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Count this push for ids without a row; True where an id reached ``min_count`` (shaped like ``slots``)."""
@@ -196,15 +205,21 @@ class EmbeddingTable:
         self._index.remove(ids)
 
     def _grow(self, rows: int) -> None:
+        """Room for ``rows`` rows: every per-row array doubles (at least) into a new zeroed array.
+
+        The new arrays come from ``np.zeros`` (``calloc``): their unused tail is address space the
+        kernel backs with memory only when a row is first written, so doubling costs copies
+        (amortised O(1) per row), not resident memory.
+        """
         if rows <= len(self._params):
             return
         capacity = max(rows, 2 * len(self._params), 16)
+        self._params = _grown(self._params, capacity)
+        self._state = {name: _grown(buf, capacity) for name, buf in self._state.items()}
+        self._steps, self._touched = _grown(self._steps, capacity), _grown(self._touched, capacity)
 
-        def grown(a: np.ndarray) -> np.ndarray:
-            out = np.zeros((capacity,) + a.shape[1:], a.dtype)
-            out[:len(a)] = a
-            return out
 
-        self._params = grown(self._params)
-        self._state = {name: grown(buf) for name, buf in self._state.items()}
-        self._steps, self._touched = grown(self._steps), grown(self._touched)
+def _grown(a: np.ndarray, rows: int) -> np.ndarray:
+    out = np.zeros((rows,) + a.shape[1:], a.dtype)
+    out[:len(a)] = a
+    return out

@@ -608,4 +608,4 @@ def _assemble(spec: dict, wanted: np.ndarray, inverse: np.ndarray, shards: list[
     for s, rows in zip(shards, replies):
         if s in masks:
             out[masks[s]] = rows
-    return out[inverse.reshape(-1)]
+    return np.take(out, inverse.reshape(-1), axis=0)

@@ -140,36 +140,40 @@ def initializer_from_config(config: dict):
 
 
 def segment_sum(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(unique ids ascending, summed rows)``: rows of equal ids added up (sort-based, vectorised)."""
+    """``(unique ids ascending, summed rows)``: rows of equal ids added up (sort-based, vectorised).
+
+    Ids already strictly ascending (what a shard receives from a Router) come back as they are.
+    """
     ids = as_ids(ids)
     grads = np.asarray(grads)
     if grads.ndim != 2 or len(grads) != len(ids):
         raise ValueError(f"grads must have shape ({len(ids)}, dim). Received {grads.shape}")
-    if len(ids) == 0:
+    if len(ids) < 2 or (ids[1:] > ids[:-1]).all():
         return ids, grads
-    order = np.argsort(ids, kind="stable")
+    order = np.argsort(ids)  # equal ids may come in any order: their sum is the same up to rounding
     ordered = ids[order]
     starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
-    return ordered[starts], np.add.reduceat(grads[order], starts, axis=0)
+    return ordered[starts], np.add.reduceat(np.take(grads, order, axis=0), starts, axis=0)
 
 
-_FREE, _USED, _GONE = 0, 1, 2  # index cell states; GONE (a tombstone) keeps probe chains intact after a removal
+_FREE, _GONE = -1, -2  # slot values of empty cells; GONE (a tombstone) keeps probe chains intact after a removal
+_MAX_LOAD, _TARGET_LOAD = 0.8, 0.6  # the index grows when 80 % of its cells are taken, to 60 % taken
 
 
 class RowIndex:
     """id -> row slot, open addressing with linear probing on numpy arrays.
 
     Slots are handed out densely (0, 1, 2, ...) and reused after
-    :meth:`remove`. Memory: 17 bytes per cell; the index grows before it is
-    half full, to 2-4 cells per row (35-70 bytes per row: a denser layout is
-    left for when tables are wired in and their bytes per row are measured).
+    :meth:`remove`. Memory: 12 bytes per cell (an int64 id and an int32
+    slot, whose negative values mark free cells and tombstones, so a shard
+    holds at most 2**31 rows of a table); the index grows when 80 % of its
+    cells are taken, to 60 % taken: 15-20 bytes per row. Probing is
+    vectorised: one numpy round per probe step for the whole batch.
     """
 
     def __init__(self, capacity: int = 1024):
-        capacity = 1 << max(4, int(capacity - 1).bit_length())
-        self._keys = np.zeros(capacity, np.int64)
-        self._slots = np.zeros(capacity, np.int64)
-        self._state = np.zeros(capacity, np.uint8)
+        self._keys = np.zeros(max(16, capacity), np.int64)
+        self._slots = np.full(max(16, capacity), _FREE, np.int32)
         self._live = 0
         self._gone = 0
         self._next_slot = 0
@@ -180,41 +184,50 @@ class RowIndex:
 
     @property
     def nbytes(self) -> int:
-        return self._keys.nbytes + self._slots.nbytes + self._state.nbytes
+        return self._keys.nbytes + self._slots.nbytes
+
+    @property
+    def slots_used(self) -> int:
+        """Slots handed out so far (live rows plus freed slots waiting for reuse): the rows' high-water mark."""
+        return self._next_slot
 
     def _home(self, ids: np.ndarray) -> np.ndarray:
-        return (mix64(ids.view(np.uint64)) & np.uint64(len(self._keys) - 1)).astype(np.int64)
+        """First cell of each id's probe chain: the top 32 bits of its hash scaled to the cell count."""
+        top = mix64(ids.view(np.uint64)) >> np.uint64(32)
+        return ((top * np.uint64(len(self._keys))) >> np.uint64(32)).astype(np.int64)
 
     def _find(self, ids: np.ndarray) -> np.ndarray:
         """Cell of each id, or -1. Probes all ids at once, one vectorised round per probe step."""
         cells = np.full(len(ids), -1, np.int64)
         pos = self._home(ids)
         todo = np.arange(len(ids))
-        mask = len(self._keys) - 1
+        size = len(self._keys)
         while todo.size:
             p = pos[todo]
-            state = self._state[p]
-            hit = (state == _USED) & (self._keys[p] == ids[todo])
+            slot = self._slots[p]
+            hit = (slot >= 0) & (self._keys[p] == ids[todo])
             cells[todo[hit]] = p[hit]
-            go_on = ~hit & (state != _FREE)  # a FREE cell ends the chain: not there
+            go_on = ~hit & (slot != _FREE)  # a FREE cell ends the chain: not there
             todo = todo[go_on]
-            pos[todo] = (pos[todo] + 1) & mask
+            pos[todo] = _next(pos[todo], size)
         return cells
 
     def lookup(self, ids) -> np.ndarray:
         """The slot of each id, or -1 where it has none. Does not block, changes nothing."""
         ids = as_ids(ids)
         cells = self._find(ids)
-        return np.where(cells >= 0, self._slots[np.maximum(cells, 0)], -1)
+        return np.where(cells >= 0, self._slots[np.maximum(cells, 0)], -1).astype(np.int64)
 
     def insert(self, ids) -> np.ndarray:
         """Give each id (unique, not yet present) a slot; returns the slots. Raises ``ValueError`` otherwise."""
         ids = as_ids(ids)
         if len(np.unique(ids)) != len(ids) or (self._find(ids) >= 0).any():
             raise ValueError("insert needs unique ids that are not in the index yet")
-        if 2 * (self._live + self._gone + len(ids)) > len(self._keys):
-            self._rebuild(max(len(self._keys), 1 << int(2 * (self._live + len(ids))).bit_length()))
+        if self._live + self._gone + len(ids) > _MAX_LOAD * len(self._keys):
+            self._rebuild(int((self._live + len(ids)) / _TARGET_LOAD) + 16)
         slots = self._take_slots(len(ids))
+        if slots.size and slots[-1] > np.iinfo(np.int32).max:
+            raise ValueError("a table holds at most 2**31 rows per shard: use more shards or max_rows")
         self._place(ids, slots)
         self._live += len(ids)
         return slots
@@ -223,8 +236,8 @@ class RowIndex:
         """Forget each id (absent ones are ignored); returns the freed slots (reused by later inserts)."""
         cells = self._find(as_ids(ids))
         cells = np.unique(cells[cells >= 0])
-        freed = self._slots[cells].copy()
-        self._state[cells] = _GONE
+        freed = self._slots[cells].astype(np.int64)
+        self._slots[cells] = _GONE
         self._live -= len(cells)
         self._gone += len(cells)
         if len(freed):
@@ -233,8 +246,8 @@ class RowIndex:
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, slots)`` of every entry, in cell order."""
-        used = self._state == _USED
-        return self._keys[used].copy(), self._slots[used].copy()
+        used = self._slots >= 0
+        return self._keys[used], self._slots[used].astype(np.int64)
 
     def _take_slots(self, n: int) -> np.ndarray:
         reuse = np.concatenate(self._free_slots) if self._free_slots else np.empty(0, np.int64)
@@ -248,22 +261,28 @@ class RowIndex:
         """Re-insert every live entry into a table of ``capacity`` cells (drops tombstones)."""
         ids, slots = self.items()
         self._keys = np.zeros(capacity, np.int64)
-        self._slots = np.zeros(capacity, np.int64)
-        self._state = np.zeros(capacity, np.uint8)
+        self._slots = np.full(capacity, _FREE, np.int32)
         self._gone = 0
         self._place(ids, slots)
 
     def _place(self, ids: np.ndarray, slots: np.ndarray) -> None:
         """Write each (id, slot) into the first cell of its probe chain that is not in use."""
-        pos, todo, mask = self._home(ids), np.arange(len(ids)), len(self._keys) - 1
+        pos, todo, size = self._home(ids), np.arange(len(ids)), len(self._keys)
         while todo.size:
-            cand = todo[self._state[pos[todo]] != _USED]
+            cand = todo[self._slots[pos[todo]] < 0]
             # several ids may want the same open cell this round: the first of each takes it
             cells, first = np.unique(pos[cand], return_index=True)
             won = cand[first]
-            self._gone -= int((self._state[cells] == _GONE).sum())  # a tombstone reused
-            self._keys[cells], self._slots[cells], self._state[cells] = ids[won], slots[won], _USED
+            self._gone -= int((self._slots[cells] == _GONE).sum())  # a tombstone reused
+            self._keys[cells], self._slots[cells] = ids[won], slots[won]
             left = np.ones(len(todo), bool)
             left[np.searchsorted(todo, won)] = False
             todo = todo[left]
-            pos[todo] = (pos[todo] + 1) & mask
+            pos[todo] = _next(pos[todo], size)
+
+
+def _next(cells: np.ndarray, size: int) -> np.ndarray:
+    """The next cell of each probe chain (wrapping around)."""
+    cells += 1
+    cells[cells == size] = 0
+    return cells

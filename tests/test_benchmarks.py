@@ -1,6 +1,8 @@
 """Smoke tests: every benchmark script runs end to end at tiny sizes and writes its outputs."""
 import json
 
+import numpy as np
+
 from benchmarks import ps_throughput, training_throughput
 
 
@@ -34,3 +36,33 @@ def test_replication_smoke(ray_session, tmp_path):
     assert {r["op"] for r in rows} == {"push", "pull", "push_pull"}
     assert all(r["ms"] > 0 and r["ms_replicas2"] > 0 for r in rows)
     assert (tmp_path / "replication.csv").stat().st_size > 0
+
+
+def test_tables_smoke(ray_session, tmp_path):
+    from benchmarks import tables
+
+    rows = tables.main(["--vocab", "2600", "--dims", "4", "--dists", "zipf", "--shards", "1", "2", "--examples", "64",
+                        "--batches", "2", "--warmup", "1", "--rounds", "1", "--memory-rows", "1000", "--out",
+                        str(tmp_path)])
+    assert {(r["system"], r["shards"]) for r in rows} == {("dict actor", 1), ("numpy in-process", 1), ("shardps", 1),
+                                                          ("shardps", 2)}
+    assert {r["op"] for r in rows} == set(tables.OPS)
+    assert all(r["median_s"] > 0 and 0 < r["unique_fraction"] <= 1 for r in rows)
+    loads = json.loads((tmp_path / "table_load.json").read_text())
+    assert [load["rows"] for load in loads] == [loads[0]["rows"]] * 2  # the same pushes, the same rows
+    memory = json.loads((tmp_path / "table_memory.json").read_text())
+    assert memory[0]["rows"] == 1000 and memory[0]["bytes_per_row"] > memory[0]["raw_plus_optimizer"]
+    for name in ("tables.csv", "table_targets.json", "tables.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_table_batches_follow_the_distribution():
+    from benchmarks.tables import batches
+
+    zipf, = batches(26_000, fields=26, examples=2000, count=1, dist="zipf")
+    uniform, = batches(26_000, fields=26, examples=2000, count=1, dist="uniform")
+    fields = zipf.reshape(2000, 26) // 1000
+    assert (fields == np.arange(26)).all()  # each field draws from its own id range
+    assert len(np.unique(zipf)) < 0.5 * len(np.unique(uniform))  # Zipf repeats its head ids
+    head = np.mean(zipf.reshape(2000, 26)[:, 0] == 0)
+    assert 0.1 < head < 0.3  # P(rank 1) = 1 / H(1000, 1.15) ~ 0.19
