@@ -46,7 +46,7 @@ from shardps.embedding import EmbeddingTable
 from shardps.optim import Adagrad, optimizer_config
 from shardps.partition import KeySpec, Layout
 from shardps.table import Uniform, as_ids, initializer_config, rows_per_shard, segment_sum, shard_of_ids
-from shardps.wire import INLINE_BYTES, all_finite, from_wire, join, message_bytes, to_wire
+from shardps.wire import INLINE_BYTES, ROWS, all_finite, from_wire, join, message_bytes, to_wire
 
 _NUMERIC_KINDS = "biuf"
 
@@ -230,8 +230,13 @@ class Router:
         return checkpoint.save(self, path, step=step, keep=keep)
 
     # ---- push ----------------------------------------------------------
-    def push(self, values: Mapping[str, Any], *, wait: bool = True, timeout: float | None = None):
+    def push(self, values: Mapping[str, Any], *, rows: Mapping[str, tuple] | None = None, wait: bool = True,
+             timeout: float | None = None):
         """Send updates (gradients) for some keys; each shard applies its part once.
+
+        ``rows``: ``{table: (ids, grads)}``, row gradients for embedding tables
+        (as :meth:`push_rows`) sent in the same message as the dense part:
+        a shard applies both or, on invalid input, neither.
 
         With ``wait=True`` blocks until every involved shard applied its part
         and returns None; with ``wait=False`` returns a :class:`Handle`.
@@ -243,7 +248,7 @@ class Router:
                 registered one (``same_kind`` casting), or NaN/Inf.
             TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
         """
-        messages = self._for_replicated(self.pack(values))
+        messages = self._for_replicated(self.pack(values, rows))
         return self._send_push(lambda s, tag: self._shards[s].push.remote((tag, messages[s])),
                                [s for s, msg in enumerate(messages) if msg is not None], lambda replies: None,
                                wait=wait, timeout=timeout)
@@ -300,12 +305,14 @@ class Router:
                                wait=wait, timeout=timeout, client=f"{self._client}/steps", seq=step, floor=step,
                                base_version=base_version)
 
-    def pack(self, values: Mapping[str, Any]) -> list[dict | None]:
-        """Validate ``values`` and build one push message per shard (``None``: not involved).
+    def pack(self, values: Mapping[str, Any], rows: Mapping[str, tuple] | None = None) -> list[dict | None]:
+        """Validate ``values`` (and ``rows``, as :meth:`push`) and build one push message per shard
+        (``None``: not involved).
 
         Raises as :meth:`push`; nothing is built unless everything is valid.
         """
         flats = self._validated(values)
+        row_parts = self._row_parts(rows or {})
         parts = [defaultdict(list) for _ in self._shards]
         for key, flat in flats.items():
             spec = self._layout.keys[key]
@@ -322,8 +329,21 @@ class Router:
                 if not self._allow_nonfinite and not all(all_finite(p) for p in parts):
                     self._name_nonfinite(flats)
                 msg[dt] = (ids, join(parts))
+            if row_parts[shard]:
+                msg[ROWS] = row_parts[shard]
             messages.append(msg or None)
         return messages
+
+    def _row_parts(self, rows: Mapping[str, tuple]) -> list[dict]:
+        """Per shard ``{table: (unique ids, summed grads)}`` of ``rows = {table: (ids, grads)}``; validates all."""
+        parts: list[dict] = [{} for _ in self._shards]
+        for name, pair in rows.items():
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise TypeError(f"rows[{name!r}] must be an (ids, grads) pair. Received: {type(pair).__name__}")
+            unique, summed = self._row_grads(self._table_spec(name), *pair)
+            for s, mask in self._by_shard(name, unique).items():
+                parts[s][name] = (unique[mask], summed[mask])
+        return parts
 
     def _for_replicated(self, messages: list[dict | None]) -> list:
         """With replicas, large messages go into Ray's object store and travel as refs.
@@ -365,8 +385,13 @@ class Router:
             raise ValueError(f"key {key!r}: contains NaN or Inf (launch with allow_nonfinite=True to accept)")
 
     # ---- pull ----------------------------------------------------------
-    def pull(self, keys: Iterable[str] | str | None = None, *, wait: bool = True, timeout: float | None = None):
+    def pull(self, keys: Iterable[str] | str | None = None, *, rows: Mapping[str, Any] | None = None,
+             wait: bool = True, timeout: float | None = None):
         """Current values of ``keys`` (all when None) as ``{name: ndarray}``.
+
+        ``rows``: ``{table: ids}``; the answer then also holds, under each
+        table's name, its rows for ``ids`` (as :meth:`pull_rows`), fetched in
+        the same message per shard as the dense keys.
 
         Arrays have the registered shape and dtype and never change after
         they are returned. Like ``ray.get`` of a numpy array, a key held
@@ -380,7 +405,7 @@ class Router:
             KeyError: an unregistered key.
             TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
         """
-        requests, unpack = self._pull_plan(keys)
+        requests, unpack = self._pull_plan(keys, rows)
         self._check_open()
         asked = [s for s, request in enumerate(requests) if request is not None]
         refs = [self._shards[s].pull.remote((self._segments(s), requests[s])) for s in asked]
@@ -401,7 +426,7 @@ class Router:
         return self._send_push(lambda s, tag: self._shards[s].push_pull.remote((tag, messages[s], requests[s])),
                                asked, lambda replies: unpack(asked, replies), wait=wait, timeout=timeout)
 
-    def _pull_plan(self, keys) -> tuple[list[dict | None], Callable]:
+    def _pull_plan(self, keys, rows: Mapping[str, Any] | None = None) -> tuple[list[dict | None], Callable]:
         """Per-shard pull requests (``None``: not involved) and ``unpack(shards, replies) -> dict``."""
         try:  # a key asked for twice is returned once
             names = self.keys() if keys is None else [keys] if isinstance(keys, str) else list(dict.fromkeys(keys))
@@ -420,6 +445,13 @@ class Router:
                 everything = len(segs) == len(self._layout.shard_segments[shard][dt])
                 request[dt] = None if everything else np.array([seg.index for seg in segs], np.int64)
             requests.append(request or None)
+        tables = {}  # name -> (spec, unique ids, inverse, {shard: mask})
+        for name, ids in (rows or {}).items():
+            wanted_ids, inverse = np.unique(as_ids(ids), return_inverse=True)
+            tables[name] = (self._table_spec(name), wanted_ids, inverse, self._by_shard(name, wanted_ids))
+            for s, mask in tables[name][3].items():
+                requests[s] = requests[s] or {}
+                requests[s].setdefault(ROWS, {})[name] = wanted_ids[mask]
 
         def unpack(shards: list[int], replies: list) -> dict[str, np.ndarray]:
             # a key held whole by one shard is a zero-copy view of the reply; split keys are assembled
@@ -435,7 +467,12 @@ class Router:
                         else:
                             out[seg.key] = part.reshape(self._layout.keys[seg.key].shape)
                         at += seg.size
-            return {name: out[name] for name in names}
+            answer = {name: out[name] for name in names}
+            for name, (spec, wanted_ids, inverse, masks) in tables.items():
+                mine = [s for s in shards if s in masks]
+                answer[name] = _assemble(spec, wanted_ids, inverse, mine, masks,
+                                         [replies[shards.index(s)][1][ROWS][name] for s in mine])
+            return answer
 
         return requests, unpack
 

@@ -35,8 +35,8 @@ from shardps.embedding import EmbeddingTable
 from shardps.errors import ShardUnavailableError
 from shardps.optim import optimizer_from_config
 from shardps.partition import HashPartitioner, Layout, SegmentState
-from shardps.table import initializer_from_config, rows_per_shard, shard_of_ids
-from shardps.wire import from_wire, to_wire
+from shardps.table import as_ids, initializer_from_config, rows_per_shard, segment_sum, shard_of_ids
+from shardps.wire import ROWS, from_wire, to_wire
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,11 @@ class ParameterShard:
         # the replica works while this shard does; a message sent as a ref travels to both at once.
         # Should it be malformed, the replica rejects it too and changes nothing.
         pending = self._mirror_send("push_mean", tag, *messages)
-        plan = self._plan_push(_fetched(messages))  # validates everything before anything changes
+        fetched = _fetched(messages)
+        if not any(fetched):
+            raise ValueError("push needs at least one message")
+        rows = self._plan_rows(fetched)  # validates everything before anything changes
+        plan = self._plan_push([m for m in fetched if m is not None and len(m) > (ROWS in m)])
         for group, ids, pieces in plan:
             for lo, hi, grad, step in pieces:
                 for a in range(lo, hi, _CHUNK):  # cache-sized pieces: the update's temporaries stay in cache
@@ -319,7 +323,31 @@ class ParameterShard:
                     state = {name: buf[a:b] for name, buf in group.state.items()}
                     self._optimizer.apply(group.params[a:b], grad[a - lo:b - lo], state, step)
             group.steps[ids] += 1
+        for table, ids, grads in rows:
+            table.push(ids, grads)
         return self._applied_push(tag, pending)
+
+    def _plan_rows(self, messages: list) -> list:
+        """Validate the messages' table rows and average them over all messages: ``[(table, ids, grads)]``.
+
+        A message without rows for a table counts as zeros for it (a sync worker that did not see an id).
+        Raises ``KeyError`` (unknown table) or ``ValueError`` before anything changes.
+        """
+        parts: dict[str, list] = {}
+        for message in messages:
+            for name, pair in (message or {}).get(ROWS, {}).items():
+                parts.setdefault(name, []).append(pair)
+        plan = []
+        for name, pairs in parts.items():
+            table = self._table(name)
+            ids = np.concatenate([as_ids(ids) for ids, _ in pairs])
+            grads = np.concatenate([np.asarray(grads) for _, grads in pairs]) if len(pairs) > 1 else pairs[0][1]
+            if grads.shape != (len(ids), table.dim) or grads.dtype != table.dtype or not np.isfinite(grads).all():
+                raise ValueError(f"shard {self.shard_id}: table {name!r} got grads of shape {grads.shape} and dtype "
+                                 f"{grads.dtype} (needs ({len(ids)}, {table.dim}) {table.dtype}, finite)")
+            ids, grads = segment_sum(ids, grads)
+            plan.append((table, ids, grads / len(messages) if len(messages) > 1 else grads))
+        return plan
 
     def _applied_push(self, tag: Tag, pending) -> int:
         """Bookkeeping after a push was applied here: record it, count it, wait for the replica. Returns the version."""
@@ -362,10 +390,8 @@ class ParameterShard:
         A message's data is one array for all its segments, or one array per
         segment (large pushes: the router then skips its packing copy).
         """
-        if not messages:
-            raise ValueError("push needs at least one message")
         plan = []
-        for dtype, (ids, _) in messages[0].items():
+        for dtype, (ids, _) in ((k, v) for k, v in (messages[0].items() if messages else ()) if k != ROWS):
             group = self._groups.get(dtype)
             if group is None:
                 raise ValueError(f"shard {self.shard_id} holds no {dtype} parameters")
@@ -475,7 +501,11 @@ class ParameterShard:
         if request is None:
             request = dict.fromkeys(self._groups)
         out = {}
+        if ROWS in request:
+            out[ROWS] = {name: self._table(name).pull(ids) for name, ids in request[ROWS].items()}
         for dtype, ids in request.items():
+            if dtype == ROWS:
+                continue
             group = self._groups[dtype]
             if ids is None:
                 out[dtype] = to_wire(group.params)  # serialised by Ray on return: no aliasing

@@ -36,10 +36,16 @@ def all_finite(arr: np.ndarray) -> bool:
     return bool(np.isfinite(arr).all())
 
 
+ROWS = "rows"  # in a push message, next to the dtype groups: ``{table: (unique ids, grads)}``
+
+
 def message_bytes(message: dict) -> int:
-    """Bytes of data in a push message ``{dtype: (ids, data)}`` (data: wire form, or a list of arrays)."""
-    total = 0
-    for _, data in message.values():
+    """Bytes of data in a push message ``{dtype: (ids, data), ROWS: {table: (ids, grads)}}``
+    (data: wire form, or a list of arrays)."""
+    total = sum(ids.nbytes + grads.nbytes for ids, grads in message.get(ROWS, {}).values())
+    for dtype, (_, data) in message.items():
+        if dtype == ROWS:
+            continue
         for part in data if isinstance(data, list) else [data]:
             total += len(part) if isinstance(part, (bytes, bytearray)) else part.nbytes
     return total

@@ -135,6 +135,9 @@ def test_router_copies_in_tasks_push_and_pull_rows(make_ps):
     (lambda ps: ps.push_rows("t", [1, 2], np.ones((1, 2))), ValueError),
     (lambda ps: ps.push_rows("t", [1], np.array([[np.nan, 1]])), ValueError),
     (lambda ps: ps.push_rows("t", [1], np.array([[1j, 1]])), ValueError),
+    (lambda ps: ps.push({"w": np.ones(3)}, rows={"t": ([1], np.array([[np.inf, 1]]))}), ValueError),
+    (lambda ps: ps.push({"w": np.ones(3)}, rows={"nope": ([1], np.ones((1, 2)))}), KeyError),
+    (lambda ps: ps.push({"w": np.ones(3)}, rows={"t": [1]}), TypeError),
     (lambda ps: ps.register_table("t", 2), ValueError),  # exists
     (lambda ps: ps.register_table("w", 2), ValueError),  # a dense key's name
     (lambda ps: ps.register_table("u", 0), ValueError),
@@ -151,3 +154,22 @@ def test_bad_table_calls_raise_and_change_nothing(make_ps, call, error):
         call(ps)
     assert set(ps.tables()) == {"t"} and ps.tables()["t"]["rows"] == 1
     np.testing.assert_array_equal(ps.pull_rows("t", [1, 2]), [[1, 1], [0, 0]])
+    np.testing.assert_array_equal(ps.pull(["w"])["w"], np.zeros(3))
+
+
+def test_dense_keys_and_rows_travel_in_one_message_per_shard(make_ps):
+    ps = make_ps(3, optimizer=SGD(lr=-1.0))  # a push adds
+    ps.register({"w": np.zeros(5, np.float32), "b": np.zeros(2, np.float32)})
+    for name in ("emb", "wide"):
+        ps.register_table(name, 2, initializer=Zeros(), optimizer=SGD(lr=-1.0))
+    ids = np.array([5, 7, 5, 1000, 7])
+    grads = np.arange(10, dtype=np.float32).reshape(5, 2)
+    ps.push({"w": np.ones(5), "b": np.ones(2)}, rows={"emb": (ids, grads), "wide": (ids[:1], grads[:1])})
+    before = sum(s["pushes"] for s in ps.stats())
+    got = ps.pull(["w"], rows={"emb": [1000, 5, 5, 9], "wide": [5]})
+    assert sum(s["pulls"] for s in ps.stats()) <= 3 and sum(s["pushes"] for s in ps.stats()) == before
+    np.testing.assert_array_equal(got["w"], np.ones(5))
+    np.testing.assert_array_equal(got["emb"], [[6, 7], [4, 6], [4, 6], [0, 0]])  # 5: rows 0 + 2 summed
+    np.testing.assert_array_equal(got["wide"], [[0, 1]])
+    np.testing.assert_array_equal(got["emb"], ps.pull_rows("emb", [1000, 5, 5, 9]))
+    assert set(got) == {"w", "emb", "wide"}
