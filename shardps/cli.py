@@ -29,14 +29,24 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=d.num_shards, help="parameter shard actors")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="training worker actors")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, help="steps per worker (default 300)")
+    g.add_argument("--steps", type=int, help="steps per worker (default 300; widedeep: one epoch)")
     g.add_argument("--epochs", type=float, help="passes over each worker's data instead of --steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (sync multiplies it by --num-workers)")
+    p.add_argument("--batch-size", type=int, help="examples per worker step (default 32; widedeep: 256)")
+    p.add_argument("--lr", type=float,
+                   help="learning rate (default 0.05; widedeep: 0.002); sync multiplies it by --num-workers")
     p.add_argument("--no-scale-lr", dest="scale_lr", action="store_false", help="sync: do not scale lr by workers")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=d.optimizer, help="server-side update rule")
-    p.add_argument("--model", choices=MODELS, default=d.model)
-    p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="auto: MNIST if found locally, else digits")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS),
+                   help="server-side update rule for dense keys (default sgd; widedeep: adam)")
+    p.add_argument("--model", choices=MODELS, default=d.model, help="widedeep: a CTR model on embedding tables")
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                   help="auto: MNIST if found locally, else digits (widedeep: ctr, synthetic click logs)")
+    t = p.add_argument_group("embedding tables (widedeep)")
+    t.add_argument("--table-optimizer", choices=("adagrad", "adam", "ftrl", "sgd"), default=d.table_optimizer,
+                   help="per-row update rule")
+    t.add_argument("--table-lr", type=float, default=d.table_lr, help="its learning rate")
+    t.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help="width of the emb/<field> rows")
+    t.add_argument("--min-count", type=int, default=d.min_count, help="pushes an id needs before it gets a row")
+    t.add_argument("--max-rows", type=int, help="rows per table at most; the least recently updated are evicted")
     p.add_argument("--data-dir", help="folder with MNIST (IDX files or mnist.npz)")
     p.add_argument("--download", action="store_true", help="allow downloading MNIST if not found locally")
     p.add_argument("--staleness", type=int, help="ssp: max steps a worker may lead the slowest (default 2)")
@@ -84,6 +94,8 @@ class _Reporter:
         if not self._enabled:
             return
         acc = f" acc={event['accuracy']:.4f}" if "accuracy" in event else ""
+        if "auc" in event:
+            acc = f" logloss={event['logloss']:.4f} auc={event['auc']:.4f}"
         if self._bar is not None:
             self._bar.total = event["total"]
             self._bar.n = round(event["step"], 1)
@@ -112,8 +124,12 @@ def _run_train(args, parser) -> int:
     else:
         st = summary["staleness"]
         stale = f", staleness min/mean/max {st['min']}/{st['mean']:.2f}/{st['max']}" if st else ""
+        quality = f"test accuracy {summary['final_accuracy']:.4f}"
+        if "test_auc" in summary:
+            quality = (f"test logloss {summary['test_logloss']:.4f} auc {summary['test_auc']:.4f} (teacher "
+                       f"{summary['teacher_logloss']:.4f} / {summary['teacher_auc']:.4f}), {summary['table_rows']} rows")
         print(f"{config.mode}: {summary['steps']} steps on {summary['dataset']} with {config.num_shards} shards, "
-              f"{config.num_workers} workers: test accuracy {summary['final_accuracy']:.4f}, "
+              f"{config.num_workers} workers: {quality}, "
               f"{summary['wall_s']:.1f} s, {summary['samples_per_s']:.0f} samples/s{stale}")
     if history.logdir and not args.json:
         print(f"TensorBoard: tensorboard --logdir {config.logdir}  (this run: {history.logdir})", file=sys.stderr)

@@ -11,6 +11,11 @@ from shardps.optim import OPTIMIZERS
 from shardps.partition import DEFAULT_BLOCK_BYTES
 
 MODES = ("sync", "async", "ssp")
+MODEL_DEFAULTS = {  # batch_size, lr and optimizer when not given
+    "cnn": {"batch_size": 32, "lr": 0.05, "optimizer": "sgd"},  # small batches learn digits fast
+    "mlp": {"batch_size": 32, "lr": 0.05, "optimizer": "sgd"},
+    "widedeep": {"batch_size": 256, "lr": 0.002, "optimizer": "adam"},  # and one epoch: one pass over click logs
+}
 
 
 @dataclass(frozen=True)
@@ -24,13 +29,13 @@ class TrainConfig:
     mode: str = "sync"  # the original example's synchronous server
     num_shards: int = 1  # the single-actor baseline
     num_workers: int = 2  # one per core here
-    steps: int | None = None  # per worker; None: from `epochs`, else 300
+    steps: int | None = None  # per worker; None: from `epochs`, else 300 (widedeep: one epoch)
     epochs: float | None = None  # passes over each worker's part of the data
-    batch_size: int = 32  # small batches learn digits fast
-    lr: float = 0.05  # per-worker SGD rate; sync scales it by num_workers
-    optimizer: str = "sgd"  # server-side rule, see shardps.optim
+    batch_size: int | None = None  # None: the model's default (MODEL_DEFAULTS)
+    lr: float | None = None  # per-worker rate (None: the model's); sync scales it by num_workers
+    optimizer: str | None = None  # server-side rule for dense keys, see shardps.optim (None: the model's)
     model: str = "cnn"  # the classic MNIST CNN
-    dataset: str = "auto"  # MNIST if found locally, else digits
+    dataset: str = "auto"  # MNIST if found locally, else digits; ctr for widedeep
     data_dir: str | None = None  # where to look for MNIST first
     download: bool = False  # never touch the network unless asked
     staleness: int | None = None  # ssp only: max steps a worker may lead (default 2)
@@ -47,12 +52,34 @@ class TrainConfig:
     max_restarts: int = 3  # per worker (and per shard, with checkpoint_dir or replicas) before the run fails
     replicas: int = 1  # 2: every shard mirrored on a replica actor, so a shard crash loses nothing
     logdir: str | None = None  # TensorBoard event files go to a new run folder under it; None: none
+    table_optimizer: str = "adagrad"  # embedding tables (widedeep): per-row rule
+    table_lr: float = 0.05  # its learning rate
+    embedding_dim: int = 16  # rows of the emb/<field> tables
+    min_count: int = 1  # pushes an id needs before it gets a row
+    max_rows: int | None = None  # rows per table at most (least recently updated evicted); None: no limit
 
     def __post_init__(self):
-        _choice("mode", self.mode, MODES)
-        _choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
         _choice("model", self.model, MODELS)
         _choice("dataset", self.dataset, DATASETS)
+        if self.model == "widedeep" and self.dataset == "auto":
+            object.__setattr__(self, "dataset", "ctr")
+        if (self.model == "widedeep") != (self.dataset == "ctr"):
+            raise ValueError(f"Model 'widedeep' trains on dataset 'ctr' only, and 'ctr' needs model 'widedeep'. "
+                             f"Received model {self.model!r}, dataset {self.dataset!r}")
+        for name, value in MODEL_DEFAULTS[self.model].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        _choice("mode", self.mode, MODES)
+        _choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        _choice("table_optimizer", self.table_optimizer, ("adagrad", "adam", "ftrl", "sgd"))
+        for name in ("embedding_dim", "min_count"):
+            _positive_int(name, getattr(self, name))
+        if self.max_rows is not None:
+            _positive_int("max_rows", self.max_rows)
+        if self.min_count > 255:
+            raise ValueError(f"Argument `min_count` must be at most 255. Received: {self.min_count}")
+        if not (isinstance(self.table_lr, (int, float)) and math.isfinite(self.table_lr) and self.table_lr > 0):
+            raise ValueError(f"Argument `table_lr` must be a positive number. Received: {self.table_lr!r}")
         for name in ("num_shards", "num_workers", "batch_size", "max_inflight", "eval_every", "block_bytes"):
             _positive_int(name, getattr(self, name))
         if self.steps is not None:
@@ -92,8 +119,9 @@ class TrainConfig:
         """Steps per worker: ``steps``, or enough for ``epochs`` over a worker's share, or 300."""
         if self.steps is not None:
             return self.steps
-        if self.epochs is not None:
-            return max(1, math.ceil(self.epochs * math.ceil(num_train / self.num_workers) / self.batch_size))
+        epochs = self.epochs if self.epochs is not None else 1.0 if self.model == "widedeep" else None
+        if epochs is not None:
+            return max(1, math.ceil(epochs * math.ceil(num_train / self.num_workers) / self.batch_size))
         return 300
 
     def to_dict(self) -> dict:

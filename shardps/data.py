@@ -1,20 +1,22 @@
-"""Datasets: MNIST from local files, scikit-learn's digits (offline default), synthetic.
+"""Datasets: MNIST from local files, scikit-learn's digits (offline default), synthetic, ctr.
 
-Images are float32 NHWC in [0, 1]; labels are int64 class ids.
+Images are float32 NHWC in [0, 1]; labels are int64 class ids. ``ctr``
+(see :mod:`shardps.ctr`) holds click examples as a structured array
+(``ids``, ``dense``) with float32 0/1 labels.
 """
 from __future__ import annotations
 
 import gzip
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("auto", "mnist", "digits", "synthetic")
+DATASETS = ("auto", "mnist", "digits", "synthetic", "ctr")
 _IDX = {  # MNIST's four standard files
     "x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
     "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte",
@@ -23,7 +25,7 @@ _IDX = {  # MNIST's four standard files
 
 @dataclass(frozen=True)
 class Dataset:
-    """A train/test split of images and integer labels."""
+    """A train/test split of examples and labels; ``reference``: best achievable test metrics, if known."""
 
     name: str
     x_train: np.ndarray
@@ -31,9 +33,13 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    reference: dict = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """One example's shape; for structured examples (ctr) the widths of its fields: (ids, dense)."""
+        if self.x_train.dtype.names:
+            return tuple(int(np.prod(self.x_train.dtype[name].shape)) for name in self.x_train.dtype.names)
         return tuple(self.x_train.shape[1:])
 
 
@@ -60,6 +66,11 @@ def load(name: str = "auto", *, data_dir: str | None = None, download: bool = Fa
         return load_digits(seed=seed)
     if name == "synthetic":
         return synthetic(seed=seed)
+    if name == "ctr":
+        from shardps import ctr
+
+        *arrays, reference = ctr.generate(seed=seed)
+        return Dataset("ctr", *arrays, 2, reference)
     raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS}")
 
 

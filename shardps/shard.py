@@ -312,8 +312,8 @@ class ParameterShard:
         # Should it be malformed, the replica rejects it too and changes nothing.
         pending = self._mirror_send("push_mean", tag, *messages)
         fetched = _fetched(messages)
-        if not any(fetched):
-            raise ValueError("push needs at least one message")
+        if not fetched:
+            raise ValueError("push needs at least one message")  # None messages: a sync worker with nothing here
         rows = self._plan_rows(fetched)  # validates everything before anything changes
         plan = self._plan_push([m for m in fetched if m is not None and len(m) > (ROWS in m)])
         for group, ids, pieces in plan:

@@ -19,6 +19,10 @@ from tests.procs import descendants
     ["train", "--max-restarts", "-1"], ["train", "--replicas", "2", "--max-restarts", "0"],
     ["train", "--epochs", "inf"], ["train", "--epochs", "nan"], ["train", "--num-cpus", "-1"],
     ["train", "--checkpoint-dir", __file__],  # a file, not a folder
+    ["train", "--model", "widedeep", "--dataset", "digits"], ["train", "--dataset", "ctr"],
+    ["train", "--model", "widedeep", "--min-count", "0"], ["train", "--model", "widedeep", "--embedding-dim", "0"],
+    ["train", "--model", "widedeep", "--max-rows", "0"], ["train", "--model", "widedeep", "--table-lr", "nan"],
+    ["train", "--model", "widedeep", "--table-optimizer", "momentum"],
 ])
 def test_bad_flags_exit_2_before_ray_starts(monkeypatch, capsys, argv):
     monkeypatch.setattr("shardps.cluster.start_ray", lambda *a, **k: pytest.fail("Ray started"))
@@ -42,6 +46,23 @@ def test_train_json_summary_end_to_end(tmp_path):
     assert summary["final_accuracy"] > 0.5  # 30 sync steps on digits learn something
     assert "step 30/30" in out.stderr  # plain progress lines when not on a terminal
     assert all(line.startswith("step ") for line in out.stderr.splitlines()), out.stderr[-3000:]  # nothing else
+
+
+@pytest.mark.slow
+def test_widedeep_json_summary_reports_the_teacher_and_the_tables(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "shardps.cli", "train", "--model", "widedeep", "--steps", "4", "--num-shards", "2",
+         "--num-cpus", "2", "--min-count", "2", "--max-rows", "4000", "--table-optimizer", "ftrl", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["dataset"] == "ctr" and summary["steps"] == 4
+    assert 0.5 < summary["teacher_auc"] < 1 and 0 < summary["teacher_logloss"] < 0.69
+    assert 0 < summary["test_auc"] < 1 and summary["test_logloss"] > 0
+    assert 0 < summary["table_rows"] < 16 * 4 * 2 * 256  # min-count 2: fewer rows than ids pushed, 16 tables
+    assert "logloss=" in out.stderr and "auc=" in out.stderr
 
 
 def _events(folder) -> dict[str, list[int]]:

@@ -42,6 +42,11 @@ def _mlp(input_shape, num_classes) -> list:
 class KerasModel:
     """A Keras classifier with numpy-facing weights and gradients."""
 
+    tables: dict[str, int] = {}  # no embedding tables
+
+    def rows_needed(self, x: np.ndarray) -> dict:
+        return {}
+
     def __init__(self, name: str, input_shape, num_classes: int, *, seed: int = 0):
         limit_tf_threads()
         keras.utils.set_random_seed(seed)
@@ -73,10 +78,10 @@ class KerasModel:
         grads, loss = self._grad_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(y))
         return {name: g.numpy() for name, g in zip(self._vars, grads)}, float(loss)
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024) -> float:
-        """Top-1 accuracy on ``(x, y)``."""
+    def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024) -> dict[str, float]:
+        """``{"accuracy": top-1 accuracy on (x, y)}``."""
         correct = 0
         for i in range(0, len(x), batch_size):
             logits = self._logits_fn(tf.convert_to_tensor(x[i:i + batch_size]))
             correct += int(np.sum(np.argmax(logits.numpy(), axis=1) == y[i:i + batch_size]))
-        return correct / max(1, len(x))
+        return {"accuracy": correct / max(1, len(x))}

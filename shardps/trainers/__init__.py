@@ -14,6 +14,7 @@ from shardps.config import TrainConfig
 from shardps.data import Dataset, load
 from shardps.models import build_model
 from shardps.optim import OPTIMIZERS
+from shardps.table import Uniform, Zeros
 from shardps.trainers.history import EvalPoint, History, staleness_summary
 from shardps.trainers.board import Board, shard_scalars
 from shardps.trainers.async_ import run_async
@@ -57,9 +58,10 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
         TimeoutError: the cluster has no room for the shards or the workers.
     """
     data = load(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed)
-    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
+    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed,
+                        embedding_dim=config.embedding_dim)
     steps = config.steps_for(len(data.x_train))
-    history = History(config.mode, config.num_shards, config.num_workers, data.name)
+    history = History(config.mode, config.num_shards, config.num_workers, data.name, reference=data.reference)
     ps, history.start_step = _open_store(config, model)
     start = history.start_step
     with ps:
@@ -88,7 +90,8 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
                               for s in stats if s["restarted"]]
         for lost in (s["shard"] for s in stats if s["replica"] == "lost"):
             log.warning("shard %d lost its replica during the run and finished unreplicated", lost)
-        history.weights = ps.pull()
+        history.weights = ps.pull(model.names)
+        history.table_rows = {name: info["rows"] for name, info in ps.tables().items()}
     history.steps = steps
     return history
 
@@ -104,8 +107,8 @@ def _open_store(config: TrainConfig, model):
     if config.resume and checkpoint.latest(config.checkpoint_dir) is not None:
         saved = checkpoint.read(config.checkpoint_dir)
         manifest, params = saved.manifest, saved.params
-        if set(params) != set(model.names):
-            raise ValueError(f"checkpoint in {config.checkpoint_dir} holds {sorted(params)[:4]}..., "
+        if set(params) != set(model.names) or set(saved.tables) != set(model.tables):
+            raise ValueError(f"checkpoint in {config.checkpoint_dir} holds {sorted([*params, *saved.tables])[:4]}..., "
                              f"not the weights of model {config.model!r}")
         log.warning("resuming from %s at step %d", checkpoint.latest(config.checkpoint_dir), manifest["step"])
         ps = launch_from(saved, num_shards=config.num_shards, **launch_kwargs)
@@ -119,6 +122,10 @@ def _open_store(config: TrainConfig, model):
                 **launch_kwargs)
     def fill() -> None:
         ps.register(model.get_weights())
+        for name, dim in model.tables.items():  # embeddings start small and random, wide weights at zero
+            ps.register_table(name, dim, initializer=Uniform(-0.05, 0.05) if dim > 1 else Zeros(),
+                              optimizer=OPTIMIZERS[config.table_optimizer](lr=config.table_lr), min_count=config.min_count,
+                              max_rows=config.max_rows, seed=config.seed)
         if config.checkpoint_dir:
             ps.save(config.checkpoint_dir, step=0)  # so a shard that crashes early has something to reload
 
@@ -149,11 +156,12 @@ def _on_step(ps, model, data: Dataset, config: TrainConfig, history: History, pr
         event = {"step": step, "total": total, "loss": loss,
                  "samples_per_s": (step - history.start_step) * samples_per_step / wall}
         if evaluate_now:
-            model.set_weights(ps.pull())
-            point = EvalPoint(step, wall, loss, model.evaluate(data.x_test, data.y_test), event["samples_per_s"])
+            model.set_weights(ps.pull(model.names, rows=model.rows_needed(data.x_test)))
+            metrics = model.evaluate(data.x_test, data.y_test)
+            point = EvalPoint(step, wall, loss, metrics["accuracy"], event["samples_per_s"], metrics)
             history.points.append(point)
             history.wall_s, history.samples_per_s = wall, point.samples_per_s
-            event["accuracy"] = point.accuracy
+            event.update(metrics)
         if board is not None:
             _to_board(board, ps, event, evaluate_now)
         every = config.checkpoint_every or total

@@ -47,7 +47,8 @@ class Crew:
         self._wait_up(self.actors)
 
     def _new(self, i: int):
-        return self._actor.remote(i, *self._args, self._data[i], self._config.batch_size, seed=self._config.seed)
+        return self._actor.remote(i, *self._args, self._data[i], self._config.batch_size, seed=self._config.seed,
+                                  embedding_dim=self._config.embedding_dim)
 
     def _wait_up(self, actors: list) -> None:
         try:

@@ -13,6 +13,7 @@ class EvalPoint:
     loss: float
     accuracy: float
     samples_per_s: float
+    metrics: dict = field(default_factory=dict)  # every test metric the model reports (ctr: logloss, auc)
 
 
 @dataclass
@@ -33,6 +34,8 @@ class History:
     recoveries: list = field(default_factory=list)  # restarted shards: {"shard", "from": replica|checkpoint, "step"}
     weights: dict = field(default_factory=dict, repr=False)  # final parameters, name -> ndarray
     logdir: str | None = None  # this run's TensorBoard folder, with TrainConfig.logdir
+    reference: dict = field(default_factory=dict)  # the dataset's best achievable metrics (ctr: the teacher's)
+    table_rows: dict = field(default_factory=dict)  # embedding table -> rows at the end
 
     @property
     def final_accuracy(self) -> float:
@@ -46,7 +49,16 @@ class History:
             "num_workers": self.num_workers, "dataset": self.dataset, "staleness": self.staleness,
             "max_lead": self.max_lead, "start_step": self.start_step, "recoveries": self.recoveries,
             "logdir": self.logdir,
+            **self._table_summary(),
         }
+
+    def _table_summary(self) -> dict:
+        """ctr runs: test logloss and AUC beside the teacher's, and the tables' rows."""
+        if not self.table_rows:
+            return {}
+        last = self.points[-1].metrics if self.points else {}
+        return {"test_logloss": last.get("logloss"), "test_auc": last.get("auc"), **self.reference,
+                "table_rows": sum(self.table_rows.values())}
 
 
 def staleness_summary(shard_stats: list[dict]) -> dict:

@@ -53,7 +53,8 @@ def _step(ps, workers: list, step: int, base_version: int, batch: int) -> list[f
     (the worker outputs outlive it); a worker that dies fails the step.
     """
     outs = [w.sync_step.options(num_returns=1 + ps.num_shards).remote(batch) for w in workers]
-    grads = [[out[1 + s] for out in outs] if ps.layout.shard_segments[s] else [] for s in range(ps.num_shards)]
+    involved = [bool(ps.layout.shard_segments[s] or ps.layout.tables) for s in range(ps.num_shards)]
+    grads = [[out[1 + s] for out in outs] if involved[s] else [] for s in range(ps.num_shards)]
     if ps.replicas:  # a shard fetching refs itself would block (and the workers' pulls with it) until they exist
         losses = gather([out[0] for out in outs])
         ps.push_mean(grads, step=step, base_version=base_version)

@@ -19,7 +19,7 @@ class Worker:
     """Computes gradients on its mini-batches against the current shard weights."""
 
     def __init__(self, index: int, router, model: str, input_shape, num_classes: int, data: list,
-                 batch_size: int, *, seed: int = 0):
+                 batch_size: int, *, seed: int = 0, embedding_dim: int = 16):
         """``data``: ``[ObjectRef of x, ObjectRef of y]``, fetched here.
 
         Nested in a list, Ray does not count them as constructor arguments in
@@ -28,7 +28,7 @@ class Worker:
         """
         self.index = index
         self._router = router
-        self._model = build_model(model, input_shape, num_classes, seed=seed)
+        self._model = build_model(model, input_shape, num_classes, seed=seed, embedding_dim=embedding_dim)
         x, y = ray.get(data)
         self._batches = Batches(x, y, batch_size, seed=seed * 1000 + index)
 
@@ -38,9 +38,16 @@ class Worker:
         Called with ``num_returns = 1 + num_shards`` so each message becomes
         its own object ref that the driver hands to its shard unopened.
         """
-        self._model.set_weights(self._router.pull())
-        grads, loss = self._model.compute_gradients(*self._batches.batch(step))
-        return (loss, *self._router.pack(grads))
+        dense, rows, loss = self._gradients(*self._batches.batch(step))
+        return (loss, *self._router.pack(dense, rows))
+
+    def _gradients(self, x, y) -> tuple[dict, dict, float]:
+        """Pull what batch ``(x, y)`` needs (dense keys and its rows, one message per shard), compute;
+        return ``(dense grads, {table: (ids, grads)}, loss)``."""
+        self._model.set_weights(self._router.pull(self._model.names, rows=self._model.rows_needed(x)))
+        grads, loss = self._model.compute_gradients(x, y)
+        rows = {name: grads.pop(name) for name in self._model.tables}
+        return grads, rows, loss
 
     def run(self, first: int, steps: int, clock, *, max_inflight: int = 2, step_delay: float = 0.0,
             batch_offset: int = 0) -> int:
@@ -59,11 +66,10 @@ class Worker:
         inflight: deque = deque()
         for step in range(first, steps):
             ray.get(clock.wait_turn.remote(self.index, step))
-            self._model.set_weights(self._router.pull())
-            grads, loss = self._model.compute_gradients(*self._batches.batch(batch_offset + step))
+            dense, rows, loss = self._gradients(*self._batches.batch(batch_offset + step))
             if step_delay:
                 time.sleep(step_delay)  # simulated slowness, not synchronisation
-            inflight.append(self._router.push(grads, wait=False))
+            inflight.append(self._router.push(dense, rows=rows, wait=False))
             while len(inflight) > max_inflight:
                 inflight.popleft().wait()
             clock.tick.remote(self.index, step + 1, loss)

@@ -1,0 +1,102 @@
+"""CTR training on embedding tables: the dataset and its metrics, a sync step against one process, each mode."""
+import functools
+import itertools
+
+import numpy as np
+import pytest
+
+from shardps import ctr
+from shardps.config import TrainConfig
+from shardps.data import Batches, load, worker_split
+from shardps.embedding import EmbeddingTable
+from shardps.optim import SGD
+from shardps.table import Uniform, Zeros
+from shardps.trainers import train
+
+
+def test_ctr_data_is_deterministic_with_fields_apart_and_an_informative_teacher():
+    first = ctr.generate(num_train=3000, num_test=3000, vocab=1000, seed=1)
+    again = ctr.generate(num_train=3000, num_test=3000, vocab=1000, seed=1)
+    other = ctr.generate(num_train=3000, num_test=3000, vocab=1000, seed=2)
+    x, y, _, y_test, reference = first
+    np.testing.assert_array_equal(x, again[0])
+    assert not np.array_equal(x["ids"], other[0]["ids"])
+    assert ((x["ids"] // 1000) == np.arange(8)).all()  # field f owns ids [f * vocab, (f + 1) * vocab)
+    assert set(np.unique(y)) == {0.0, 1.0} and 0.1 < y.mean() < 0.5
+    assert reference["teacher_auc"] > 0.75 and reference["teacher_logloss"] < ctr.logloss(y_test, np.full(3000, y.mean()))
+
+
+def test_auc_and_logloss_match_their_definitions():
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.3).astype(np.float32)
+    score = np.round(rng.random(300), 1)  # many ties
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p, n in itertools.product(score[y == 1], score[y == 0])]
+    assert ctr.auc(y, score) == pytest.approx(np.mean(pairs))
+    p = np.clip(score, 0.05, 0.95)
+    assert ctr.logloss(y, p) == pytest.approx(-np.mean([np.log(q) if t else np.log(1 - q) for t, q in zip(y, p)]))
+
+
+_GENERATE = ctr.generate
+
+
+@pytest.fixture
+def small_ctr(monkeypatch):
+    """The ctr dataset at test size (the driver makes it and hands the workers their parts)."""
+    return lambda **sizes: monkeypatch.setattr(ctr, "generate", functools.partial(_GENERATE, **sizes))
+
+
+def test_sync_step_with_tables_equals_the_same_steps_in_one_process(ray_session, small_ctr):
+    small_ctr(num_train=600, num_test=200, vocab=40)  # 40 ids per field: many duplicates in a batch
+    config = TrainConfig(model="widedeep", mode="sync", num_shards=3, num_workers=2, steps=3, batch_size=32,
+                         optimizer="sgd", lr=0.1, table_optimizer="sgd", table_lr=0.5, embedding_dim=4, seed=5,
+                         eval_every=100)  # SGD on rows too: Adagrad would not notice a wrong scale
+    from shardps.models.widedeep import WideDeepModel
+
+    probe = np.arange(8 * 40)
+    store, seen = {}, {}
+
+    def capture(event):  # the rows at the end, before the store is shut down
+        if event["step"] == config.steps:
+            seen.update(store["ps"].pull([], rows={name: probe for name in store["tables"]}))
+
+    history = train(config, progress=capture,
+                    on_start=lambda ps, workers: store.update(ps=ps, tables=list(ps.layout.tables)))
+
+    data = load("ctr", seed=config.seed)
+    model = WideDeepModel(8, 4, embedding_dim=4, seed=config.seed)
+    dense = model.get_weights()
+    tables = {name: EmbeddingTable(name, dim, initializer=Uniform(-0.05, 0.05) if dim > 1 else Zeros(),
+                                   optimizer=SGD(lr=config.table_lr), seed=config.seed)
+              for name, dim in model.tables.items()}
+    parts = worker_split(len(data.x_train), config.num_workers, seed=config.seed)
+    batches = [Batches(data.x_train[idx], data.y_train[idx], config.batch_size, seed=config.seed * 1000 + i)
+               for i, idx in enumerate(parts)]
+    for step in range(config.steps):
+        grads = []
+        for b in batches:
+            x, y = b.batch(step)
+            model.set_weights({**dense, **{n: tables[n].pull(ids) for n, ids in model.rows_needed(x).items()}})
+            grads.append(model.compute_gradients(x, y)[0])
+        for key in dense:  # the mean over workers, lr scaled by the worker count
+            dense[key] = dense[key] - config.lr * 2 * (grads[0][key] + grads[1][key]) / 2
+        for name, table in tables.items():  # each id's gradients summed over workers, then / W
+            ids = np.concatenate([g[name][0] for g in grads])
+            table.push(ids, np.concatenate([g[name][1] for g in grads]) / 2)
+
+    for key, expected in dense.items():
+        np.testing.assert_allclose(history.weights[key], expected, rtol=1e-4, atol=1e-6, err_msg=key)
+    for name, table in tables.items():
+        np.testing.assert_allclose(seen[name], table.pull(probe), rtol=1e-4, atol=1e-6, err_msg=name)
+    assert history.table_rows and sum(history.table_rows.values()) == sum(len(t) for t in tables.values())
+    assert not np.allclose(seen["emb/0"], Uniform(-0.05, 0.05).rows(probe, 4, name="emb/0", seed=5))  # rows moved
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "ssp"])
+def test_each_mode_learns_close_to_the_teacher(ray_session, small_ctr, mode):
+    small_ctr(num_train=200_000, num_test=10_000)
+    history = train(TrainConfig(model="widedeep", mode=mode, num_shards=2, eval_every=1000))
+    summary = history.summary()
+    assert summary["teacher_auc"] > 0.75
+    assert summary["teacher_auc"] - summary["test_auc"] < 0.03, summary
+    assert summary["test_logloss"] - summary["teacher_logloss"] < 0.03, summary
+    assert summary["table_rows"] > 1000 and summary["steps"] == 200_000 // 2 // 256 + 1
