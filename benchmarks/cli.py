@@ -10,6 +10,7 @@ _SCRIPTS = {
     "cpu": ("benchmarks.cpu_accounting", "CPU per push by process kind, for concurrent clients"),
     "profile": ("benchmarks.profile_push", "where one push spends its time, client and shard"),
     "replication": ("benchmarks.replication", "push/pull cost of replicas=2 vs none"),
+    "ctr": ("benchmarks.ctr_throughput", "widedeep CTR training examples/s vs shards and vs one process"),
     "tables": ("benchmarks.tables", "embedding tables: rows/s vs shards, dict-actor and numpy baselines, bytes/row"),
 }
 

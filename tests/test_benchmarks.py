@@ -66,3 +66,14 @@ def test_table_batches_follow_the_distribution():
     assert len(np.unique(zipf)) < 0.5 * len(np.unique(uniform))  # Zipf repeats its head ids
     head = np.mean(zipf.reshape(2000, 26)[:, 0] == 0)
     assert 0.1 < head < 0.3  # P(rank 1) = 1 / H(1000, 1.15) ~ 0.19
+
+
+def test_ctr_throughput_smoke(ray_session, tmp_path):
+    from benchmarks import ctr_throughput
+
+    rows = ctr_throughput.main(["--rounds", "1", "--steps", "2", "--shards", "1", "--modes", "sync",
+                                "--num-train", "3000", "--out", str(tmp_path)])
+    assert {(r["mode"], r["shards"]) for r in rows} == {("one process", 0), ("sync", 1)}
+    sync, = [r for r in rows if r["mode"] == "sync"]
+    assert sync["examples_per_s"] > 0 and 0 < sync["bytes_per_example"] < sync["whole_tables_bytes_per_example"]
+    assert (tmp_path / "ctr_throughput.csv").stat().st_size > 0

@@ -100,3 +100,27 @@ def test_each_mode_learns_close_to_the_teacher(ray_session, small_ctr, mode):
     assert summary["teacher_auc"] - summary["test_auc"] < 0.03, summary
     assert summary["test_logloss"] - summary["teacher_logloss"] < 0.03, summary
     assert summary["table_rows"] > 1000 and summary["steps"] == 200_000 // 2 // 256 + 1
+
+
+def test_resume_brings_the_tables_back_into_another_shard_count(ray_session, small_ctr, tmp_path):
+    small_ctr(num_train=4000, num_test=500)
+    probe = {f"emb/{f}": np.arange(f * 100_000, f * 100_000 + 50) for f in range(8)}
+    store, rows = {}, {}
+
+    def at_end(event):  # the first run's rows, as saved at its last step
+        if event["step"] == 4:
+            rows["end"] = store["ps"].pull([], rows=probe)
+
+    def at_start(ps, workers):  # the resumed run's rows before it trains
+        store["ps"] = ps
+        if "end" in rows:
+            rows["start"] = ps.pull([], rows=probe)
+
+    first = train(TrainConfig(model="widedeep", num_shards=2, steps=4, checkpoint_dir=str(tmp_path)),
+                  progress=at_end, on_start=at_start)
+    resumed = train(TrainConfig(model="widedeep", num_shards=3, steps=6, checkpoint_dir=str(tmp_path), resume=True),
+                    on_start=at_start)
+    assert resumed.start_step == 4 and set(resumed.table_rows) == set(first.table_rows)
+    for name in probe:
+        np.testing.assert_array_equal(rows["start"][name], rows["end"][name], err_msg=name)
+    assert not np.array_equal(rows["end"]["emb/0"], Uniform(-0.05, 0.05).rows(probe["emb/0"], 16, name="emb/0", seed=0))
