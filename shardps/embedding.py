@@ -184,7 +184,7 @@ class EmbeddingTable:
                 self._evict(over, keep)
             room = min(len(ids), self.max_rows - len(self))
         created = np.full(len(ids), -1, np.int64)
-        slots = self._index.insert(ids[:room])
+        slots = self._index.insert(ids[:room], checked=True)  # push() looked them up: absent, unique
         self._grow(int(slots.max()) + 1 if room else 0)
         self._params[slots] = self.initializer.rows(ids[:room], self.dim, name=self.name, seed=self.seed,
                                                     dtype=self.dtype)

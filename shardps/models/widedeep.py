@@ -94,15 +94,10 @@ class WideDeepModel:
         out.update({name: (self._ids[name], g) for name, g in zip(tables, grads[len(self._vars):])})
         return out, float(loss)
 
-    def predict(self, x: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
+    def predict(self, x: np.ndarray) -> np.ndarray:
         """Click probabilities of ``x``, from the rows set for ``rows_needed(x)``."""
         emb, wide, where = self._inputs(x)
-        out = []
-        for i in range(0, len(x), batch_size):
-            sl = slice(i, i + batch_size)
-            logits = self._logit_fn(emb, wide, [w[sl] for w in where], tf.convert_to_tensor(x["dense"][sl]))
-            out.append(sigmoid(logits.numpy().astype(np.float64)))
-        return np.concatenate(out) if out else np.empty(0)
+        return sigmoid(self._logit_fn(emb, wide, where, tf.convert_to_tensor(x["dense"])).numpy().astype(np.float64))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """``{"accuracy", "logloss", "auc"}`` on ``(x, y)`` (rows set for ``rows_needed(x)``)."""
