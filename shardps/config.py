@@ -41,6 +41,7 @@ class TrainConfig:
     staleness: int | None = None  # ssp only: max steps a worker may lead (default 2)
     scale_lr: bool = True  # sync: lr * num_workers, as the original example does
     max_inflight: int = 2  # async/ssp: unacknowledged pushes per worker
+    prefetch: bool = True  # async: send the next step's pull before computing this step's gradient
     address: str | None = None  # Ray cluster to join; None: local (or RAY_ADDRESS)
     num_cpus: int | None = None  # CPUs of a locally started Ray; None: all
     block_bytes: int = DEFAULT_BLOCK_BYTES  # tensor split size for sharding

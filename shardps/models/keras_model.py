@@ -39,6 +39,11 @@ def _mlp(input_shape, num_classes) -> list:
             layers.Dense(num_classes, name="dense2")]
 
 
+def layer_stack(name: str, input_shape, num_classes: int) -> list:
+    """The layers of model ``name`` ("cnn" or "mlp"), for a ``keras.Sequential``."""
+    return {"cnn": _cnn, "mlp": _mlp}[name](input_shape, num_classes)
+
+
 class KerasModel:
     """A Keras classifier with numpy-facing weights and gradients."""
 
@@ -50,7 +55,7 @@ class KerasModel:
     def __init__(self, name: str, input_shape, num_classes: int, *, seed: int = 0):
         limit_tf_threads()
         keras.utils.set_random_seed(seed)
-        body = {"cnn": _cnn, "mlp": _mlp}[name](input_shape, num_classes)
+        body = layer_stack(name, input_shape, num_classes)
         self.net = keras.Sequential([keras.Input(tuple(input_shape)), *body], name=name)
         self._vars = {f"{layer.name}/{v.name}": v for layer in self.net.layers for v in layer.trainable_weights}
         self._grad_fn = tf.function(self._gradients, reduce_retracing=True)

@@ -33,7 +33,8 @@ def run_async(ps, crew, start: int, steps: int, on_step, config,
 
     def launch_run(i: int, done: int):
         return workers[i].run.remote(done, steps - start, clock, max_inflight=config.max_inflight,
-                                     step_delay=delays[i], batch_offset=start)
+                                     step_delay=delays[i], batch_offset=start,
+                                     prefetch=config.prefetch and config.bound is None)
 
     try:
         runs = {launch_run(i, 0): i for i in range(len(workers))}

@@ -38,19 +38,23 @@ class Worker:
         Called with ``num_returns = 1 + num_shards`` so each message becomes
         its own object ref that the driver hands to its shard unopened.
         """
-        dense, rows, loss = self._gradients(*self._batches.batch(step))
+        x, y = self._batches.batch(step)
+        dense, rows, loss = self._gradients(x, y, self._pull(x).wait())
         return (loss, *self._router.pack(dense, rows))
 
-    def _gradients(self, x, y) -> tuple[dict, dict, float]:
-        """Pull what batch ``(x, y)`` needs (dense keys and its rows, one message per shard), compute;
-        return ``(dense grads, {table: (ids, grads)}, loss)``."""
-        self._model.set_weights(self._router.pull(self._model.names, rows=self._model.rows_needed(x)))
+    def _pull(self, x):
+        """Start pulling what batch ``x`` needs (dense keys and its rows, one message per shard): a Handle."""
+        return self._router.pull(self._model.names, rows=self._model.rows_needed(x), wait=False)
+
+    def _gradients(self, x, y, weights: dict) -> tuple[dict, dict, float]:
+        """Compute on ``(x, y)`` at ``weights``; return ``(dense grads, {table: (ids, grads)}, loss)``."""
+        self._model.set_weights(weights)
         grads, loss = self._model.compute_gradients(x, y)
         rows = {name: grads.pop(name) for name in self._model.tables}
         return grads, rows, loss
 
     def run(self, first: int, steps: int, clock, *, max_inflight: int = 2, step_delay: float = 0.0,
-            batch_offset: int = 0) -> int:
+            batch_offset: int = 0, prefetch: bool = False) -> int:
         """Async loop: pull -> compute -> push without a barrier, for steps ``first .. steps - 1``.
 
         Step ``i`` trains on mini-batch ``batch_offset + i`` (the offset: the
@@ -60,13 +64,24 @@ class Worker:
         Before each step asks ``clock`` for permission (the SSP bound, if any)
         and reports each finished step with its loss. At most ``max_inflight``
         pushes are unacknowledged at a time; all are acknowledged on return.
+        ``prefetch`` (ASP only: it reads weights one step early): the pull for
+        step ``i + 1`` is sent before step ``i``'s gradient is computed, so it
+        travels while TensorFlow works; its weights then lack this worker's
+        own push ``i``, which the shards count as one more step of staleness.
         ``step_delay`` seconds of extra work per step simulate a slow worker.
         Returns the number of steps done.
         """
         inflight: deque = deque()
+        ahead = None  # the pull already sent for this step
         for step in range(first, steps):
             ray.get(clock.wait_turn.remote(self.index, step))
-            dense, rows, loss = self._gradients(*self._batches.batch(batch_offset + step))
+            x, y = self._batches.batch(batch_offset + step)
+            weights = (ahead if ahead is not None else self._pull(x)).wait()
+            if prefetch and step + 1 < steps:
+                ahead = self._pull(self._batches.batch(batch_offset + step + 1)[0])
+            else:
+                ahead = None
+            dense, rows, loss = self._gradients(x, y, weights)
             if step_delay:
                 time.sleep(step_delay)  # simulated slowness, not synchronisation
             inflight.append(self._router.push(dense, rows=rows, wait=False))
