@@ -40,7 +40,7 @@ class _Sink:
 
 
 class _Client:
-    """A concurrent client (Ray actor): pushes through a router copy or to the baseline."""
+    """A concurrent client (Ray actor): pushes or pulls through a router copy or at the baseline."""
 
     def __init__(self, target, shapes, seed):
         self.target = target
@@ -52,6 +52,13 @@ class _Client:
                 self.target.push(self.values)
             else:
                 ray.get(self.target.push.remote(list(self.values), list(self.values.values())))
+
+    def pull(self, times: int) -> None:
+        for _ in range(times):
+            if isinstance(self.target, shardps.Router):
+                self.target.pull(list(self.values))
+            else:
+                ray.get(self.target.pull.remote(list(self.values)))
 
 
 def _ops_shardps(ps, values):
@@ -91,19 +98,20 @@ def _interleaved(ops: dict, rounds: int, seconds: float) -> dict:
     return {key: median(values) for key, values in per_round.items()}
 
 
-def _concurrent(targets: dict, shapes, num_clients: int, pushes: int, rounds: int) -> dict:
-    """Median wall seconds, per target, for ``num_clients`` actors to push ``pushes`` times each."""
+def _concurrent(targets: dict, shapes, num_clients: int, calls: int, rounds: int, warmup: int) -> dict:
+    """Wall seconds per round, per (target key, op), for ``num_clients`` actors to push (or pull) ``calls``
+    times each. ``warmup`` whole rounds first (object-store pages, first calls); targets take turns."""
     clients = {key: [ray.remote(_Client).options(num_cpus=0.01).remote(target, shapes, i) for i in range(num_clients)]
                for key, target in targets.items()}
     try:
-        ray.get([c.push.remote(1) for group in clients.values() for c in group])  # warm-up
-        walls: dict = {key: [] for key in targets}
-        for _ in range(rounds):
-            for key, group in clients.items():
+        walls: dict = {(key, op): [] for key in targets for op in ("push", "pull")}
+        for r in range(warmup + rounds):
+            for (key, op), times in walls.items():
                 t0 = time.perf_counter()
-                ray.get([c.push.remote(pushes) for c in group])
-                walls[key].append(time.perf_counter() - t0)
-        return {key: median(w) for key, w in walls.items()}
+                ray.get([getattr(c, op).remote(calls) for c in clients[key]])
+                if r >= warmup:
+                    times.append(time.perf_counter() - t0)
+        return walls
     finally:
         for group in clients.values():
             for c in group:
@@ -158,10 +166,11 @@ def measure_workload(name, shapes, args, rows, loads) -> None:
                 rows.append(_row(name, optimizer, system, shards, 1, op, moved, seconds, **extra))
             if args.clients > 1 and name in args.client_workloads:
                 moved = nbytes * args.clients * args.client_pushes
-                for (system, shards), wall in _concurrent(concurrent, shapes, args.clients, args.client_pushes,
-                                                          args.repeats).items():
-                    rows.append(_row(name, "add" if system == "baseline" else opt_name, system, shards,
-                                     args.clients, "push", moved, wall))
+                for ((system, shards), op), walls in _concurrent(concurrent, shapes, args.clients, args.client_pushes,
+                                                                 args.client_rounds, args.client_warmup).items():
+                    rows.append(_row(name, "add" if system == "baseline" else opt_name, system, shards, args.clients,
+                                     op, moved, median(walls), min_mb_s=moved / max(walls) / 1e6,
+                                     max_mb_s=moved / min(walls) / 1e6, rounds=len(walls)))
             for num_shards, ps in stores.items():
                 stats = ps.stats()
                 pushes = sum(s["pushes"] for s in stats) or 1
@@ -208,8 +217,13 @@ def check_targets(rows: list[dict]) -> list[dict]:
     if one and two:
         ratio = two["mb_s"] / one["mb_s"]
         results.append({"target": "Adam 100 MB push: 2 shards >= 1.6x 1 shard", "value": ratio, "ok": ratio >= 1.6})
+    for r in rows:
+        if r["clients"] > 1 and r["system"] == "shardps" and r["shards"] == 1 and r["optimizer"] == "add" \
+                and r.get("vs_baseline"):
+            results.append({"target": f"{r['clients']} clients, {r['workload']} {r['op']}: 1 shard >= 0.9x baseline",
+                            "value": r["vs_baseline"], "ok": r["vs_baseline"] >= 0.9})
     many = [r for r in rows if r["workload"] == "model10x100k" and r["clients"] > 1 and r["system"] == "shardps"
-            and r["shards"] == 2 and r["optimizer"] == "add"]
+            and r["shards"] == 2 and r["optimizer"] == "add" and r["op"] == "push"]
     if many and many[0].get("vs_baseline"):
         results.append({"target": f"{many[0]['clients']} clients, 10x100k push: 2 shards >= 1.5x baseline",
                         "value": many[0]["vs_baseline"], "ok": many[0]["vs_baseline"] >= 1.5})
@@ -224,7 +238,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=4, help="concurrent client actors (1: skip)")
     p.add_argument("--client-workloads", nargs="+", default=["model10x100k", "cnn"],
                    help="workloads also measured with concurrent clients")
-    p.add_argument("--client-pushes", type=int, default=5, help="pushes per client per round")
+    p.add_argument("--client-pushes", type=int, default=5, help="pushes (or pulls) per client per round")
+    p.add_argument("--client-rounds", type=int, default=15, help="measured rounds with concurrent clients")
+    p.add_argument("--client-warmup", type=int, default=3, help="unmeasured rounds first")
     p.add_argument("--repeats", type=int, default=5, help="rounds; every configuration is timed once per round")
     p.add_argument("--min-seconds", type=float, default=0.3, help="minimum seconds per configuration per round")
     p.add_argument("--scale", type=float, default=1.0, help="shrink tensor sizes (smoke tests)")

@@ -9,11 +9,14 @@ from benchmarks import ps_throughput, training_throughput
 def test_ps_throughput_smoke(ray_session, tmp_path):
     rows = ps_throughput.main(["--scale", "0.0005", "--shards", "1", "2", "--workloads", "tiny", "model10x100k",
                                "--optimizers", "add", "--repeats", "1", "--min-seconds", "0", "--clients", "2",
-                               "--client-pushes", "1", "--out", str(tmp_path)])
+                               "--client-pushes", "1", "--client-rounds", "2", "--client-warmup", "1",
+                               "--out", str(tmp_path)])
     systems = {(r["system"], r["shards"]) for r in rows}
     assert {("baseline", 1), ("shardps", 1), ("shardps", 2), ("floor", 1)} <= systems
     assert all(r["median_s"] > 0 for r in rows)
-    assert any(r["clients"] == 2 for r in rows)
+    many = [r for r in rows if r["clients"] == 2]
+    assert {r["op"] for r in many} == {"push", "pull"} and all(r["rounds"] == 2 for r in many)
+    assert all(r["min_mb_s"] <= r["mb_s"] <= r["max_mb_s"] for r in many)
     for name in ("ps_throughput.csv", "ps_throughput.json", "shard_load.csv", "ps_targets.json",
                  "ps_throughput.png"):
         assert (tmp_path / name).stat().st_size > 0, name
