@@ -32,37 +32,36 @@ def test_bad_flags_exit_2_before_ray_starts(monkeypatch, capsys, argv):
     assert "usage: shardps train" in capsys.readouterr().err
 
 
+def _train_json(tmp_path, *flags: str, env: dict) -> tuple[dict, str]:
+    """Run ``shardps train FLAGS --json`` in a fresh process; its summary and its stderr. Fails on a non-zero exit."""
+    out = subprocess.run([sys.executable, "-m", "shardps.cli", "train", *flags, "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
 @pytest.mark.slow
 def test_train_json_summary_end_to_end(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "shardps.cli", "train", "--model", "mlp", "--dataset", "digits", "--steps", "30",
-         "--num-shards", "2", "--replicas", "2", "--num-cpus", "2", "--eval-every", "10", "--json"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},  # the CLI's own default: token
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    summary, stderr = _train_json(
+        tmp_path, "--model", "mlp", "--dataset", "digits", "--steps", "30", "--num-shards", "2", "--replicas", "2",
+        "--num-cpus", "2", "--eval-every", "10",
+        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")})  # the CLI's own default: token
     assert summary["steps"] == 30 and summary["mode"] == "sync" and summary["num_shards"] == 2
     assert summary["final_accuracy"] > 0.5  # 30 sync steps on digits learn something
-    assert "step 30/30" in out.stderr  # plain progress lines when not on a terminal
-    assert all(line.startswith("step ") for line in out.stderr.splitlines()), out.stderr[-3000:]  # nothing else
+    assert "step 30/30" in stderr  # plain progress lines when not on a terminal
+    assert all(line.startswith("step ") for line in stderr.splitlines()), stderr[-3000:]  # nothing else
 
 
 @pytest.mark.slow
 def test_widedeep_json_summary_reports_the_teacher_and_the_tables(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "shardps.cli", "train", "--model", "widedeep", "--steps", "4", "--num-shards", "2",
-         "--num-cpus", "2", "--min-count", "2", "--max-rows", "4000", "--table-optimizer", "ftrl", "--json"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    summary, stderr = _train_json(
+        tmp_path, "--model", "widedeep", "--steps", "4", "--num-shards", "2", "--num-cpus", "2", "--min-count", "2",
+        "--max-rows", "4000", "--table-optimizer", "ftrl", env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert summary["dataset"] == "ctr" and summary["steps"] == 4
     assert 0.5 < summary["teacher_auc"] < 1 and 0 < summary["teacher_logloss"] < 0.69
     assert 0 < summary["test_auc"] < 1 and summary["test_logloss"] > 0
     assert 0 < summary["table_rows"] < 16 * 4 * 2 * 256  # min-count 2: fewer rows than ids pushed, 16 tables
-    assert "logloss=" in out.stderr and "auc=" in out.stderr
+    assert "logloss=" in stderr and "auc=" in stderr
 
 
 def _events(folder) -> dict[str, list[int]]:
