@@ -4,6 +4,9 @@ Two references, in the same run: what a user would run instead, the same
 Keras model trained with ``model.fit`` in one process on all cores (same
 batch size, learning rate and data); and the same model code shardps
 workers run (one TensorFlow thread, a numpy update per step) in one process.
+Each round runs every reference and configuration once, in turn (the
+machine's load drifts); figures are medians over rounds, with min and max
+of samples/s beside them, plus the mean time per worker step in each phase.
 
     python -m benchmarks.training_throughput --out bench-out
 """
@@ -14,7 +17,9 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.common import print_table, write_rows
+from typing import Callable
+
+from benchmarks.common import median, print_table, write_rows
 
 
 def _single_process(dataset, model_name: str, steps: int, batch_size: int, lr: float, seed: int) -> dict:
@@ -80,39 +85,68 @@ def _keras_fit(dataset, model_name: str, steps: int, batch_size: int, lr: float,
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "time_to_95": None}
 
 
-def run(args) -> list[dict]:
-    import ray
-
-    from shardps.cluster import start_ray
+def _shardps(mode: str, shards: int, dataset: str, steps: int, args) -> dict:
+    """One training run; its samples/s, time to 95 % test accuracy and where a worker step's time went."""
     from shardps.config import TrainConfig
     from shardps.trainers import train
 
+    # evaluations run on the driver, beside the workers: only where time to accuracy is measured
+    eval_every = 10 if dataset == "digits" else steps
+    config = TrainConfig(mode=mode, num_shards=shards, num_workers=args.workers, steps=steps,
+                         batch_size=args.batch_size, lr=args.lr, model=args.model, dataset=dataset,
+                         eval_every=eval_every, seed=args.seed)
+    history = train(config)
+    reached = next((p.wall_s for p in history.points if p.accuracy >= 0.95), None)
+    return {"samples_per_s": history.samples_per_s, "wall_s": history.wall_s, "time_to_95": reached,
+            "accuracy": history.final_accuracy, **{f"ms_{k}": v for k, v in history.ms_per_step.items()}}
+
+
+def _runs(dataset: str, steps: int, args) -> list[tuple[tuple, Callable[[], dict]]]:
+    """``((mode, shards), run)`` for the references and every mode and shard count."""
+    total = steps * args.workers
+    runs = [(("keras-fit", 0), lambda: _keras_fit(dataset, args.model, total, args.batch_size, args.lr, args.seed)),
+            (("single-process", 0),
+             lambda: _single_process(dataset, args.model, total, args.batch_size, args.lr, args.seed))]
+    for mode in args.modes:
+        for shards in args.shards:
+            runs.append(((mode, shards), lambda m=mode, s=shards: _shardps(m, s, dataset, steps, args)))
+    return runs
+
+
+def _median_row(dataset: str, mode: str, shards: int, results: list[dict], workers: int) -> dict:
+    """Medians over rounds of every figure (None where a round had none), min/max of samples/s."""
+    speeds = [r["samples_per_s"] for r in results]
+    row = {"dataset": dataset, "mode": mode, "shards": shards, "workers": workers if shards else 1,
+           "rounds": len(results), "min_samples_per_s": min(speeds), "max_samples_per_s": max(speeds)}
+    for key in results[0]:
+        values = [r[key] for r in results if r.get(key) is not None]
+        row[key] = median(values) if values else None
+    return row
+
+
+def run(args) -> list[dict]:
+    """Per dataset, ``args.rounds`` rounds; in each, every reference and configuration runs once, in turn."""
+    import ray
+
+    from shardps.cluster import start_ray
+
     rows = []
     for dataset, steps in (("synthetic", args.steps), ("digits", args.digits_steps)):
-        fit = _keras_fit(dataset, args.model, steps * args.workers, args.batch_size, args.lr, args.seed)
-        rows.append({"dataset": dataset, "mode": "keras-fit", "shards": 0, "workers": 1, **fit})
-        ref = _single_process(dataset, args.model, steps * args.workers, args.batch_size, args.lr, args.seed)
-        rows.append({"dataset": dataset, "mode": "single-process", "shards": 0, "workers": 1, **ref})
-        print(f"  {dataset} keras fit: {fit['samples_per_s']:.0f} samples/s, single-process: "
-              f"{ref['samples_per_s']:.0f} samples/s", flush=True)
+        runs = _runs(dataset, steps, args)
+        results: dict[tuple, list[dict]] = {name: [] for name, _ in runs}
         started = start_ray(num_cpus=args.num_cpus)
         try:
-            for mode in args.modes:
-                for shards in args.shards:
-                    config = TrainConfig(mode=mode, num_shards=shards, num_workers=args.workers, steps=steps,
-                                         batch_size=args.batch_size, lr=args.lr, model=args.model, dataset=dataset,
-                                         eval_every=10, seed=args.seed)
-                    history = train(config)
-                    reached = next((p.wall_s for p in history.points if p.accuracy >= 0.95), None)
-                    rows.append({"dataset": dataset, "mode": mode, "shards": shards, "workers": args.workers,
-                                 "samples_per_s": history.samples_per_s, "wall_s": history.wall_s,
-                                 "time_to_95": reached, "accuracy": history.final_accuracy})
-                    print(f"  {dataset} {mode} {shards} shards: {history.samples_per_s:.0f} samples/s", flush=True)
+            for round_ in range(args.rounds):
+                for (mode, shards), run_once in runs:
+                    results[(mode, shards)].append(run_once())
+                    print(f"  round {round_ + 1}/{args.rounds} {dataset} {mode} {shards or ''}: "
+                          f"{results[(mode, shards)][-1]['samples_per_s']:.0f} samples/s", flush=True)
         finally:
             if started:
                 ray.shutdown()
+        rows += [_median_row(dataset, mode, shards, res, args.workers) for (mode, shards), res in results.items()]
     for row in rows:
-        same = {r["mode"]: r["samples_per_s"] for r in rows if r["dataset"] == row["dataset"]}
+        same = {r["mode"]: r["samples_per_s"] for r in rows if r["dataset"] == row["dataset"] and not r["shards"]}
         row["vs_keras_fit"] = row["samples_per_s"] / same["keras-fit"]
         row["vs_single_process"] = row["samples_per_s"] / same["single-process"]
     return rows
@@ -123,12 +157,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", default=["sync", "async", "ssp"])
     p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=60, help="steps per worker on synthetic MNIST-shaped data")
+    p.add_argument("--steps", type=int, default=200, help="steps per worker on synthetic MNIST-shaped data")
     p.add_argument("--digits-steps", type=int, default=300, help="steps per worker on digits")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--model", default="cnn")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians over them")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     return p.parse_args(argv)
@@ -139,8 +174,11 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     rows = run(args)
     write_rows(args.out, "training_throughput", rows)
-    print_table(rows, ["dataset", "mode", "shards", "workers", "samples_per_s", "vs_keras_fit", "vs_single_process",
-                       "time_to_95", "accuracy"])
+    print_table(rows, ["dataset", "mode", "shards", "workers", "samples_per_s", "min_samples_per_s",
+                       "max_samples_per_s", "vs_keras_fit", "vs_single_process", "time_to_95", "accuracy"])
+    phases = sorted({k for row in rows for k in row if k.startswith("ms_")})
+    print("\nwhere a worker step's time went (ms, medians over rounds):")
+    print_table([row for row in rows if row["shards"]], ["dataset", "mode", "shards", *phases])
     return rows
 
 

@@ -26,9 +26,10 @@ def test_ps_throughput_smoke(ray_session, tmp_path):
 
 def test_training_throughput_smoke(ray_session, tmp_path):
     rows = training_throughput.main(["--modes", "sync", "async", "--shards", "1", "--steps", "2",
-                                     "--digits-steps", "2", "--model", "mlp", "--out", str(tmp_path)])
+                                     "--digits-steps", "2", "--model", "mlp", "--rounds", "1", "--out", str(tmp_path)])
     assert {r["mode"] for r in rows} == {"keras-fit", "single-process", "sync", "async"}
     assert all(r["samples_per_s"] > 0 for r in rows)
+    assert all(r["ms_compute"] > 0 and r["ms_pull"] > 0 and r["ms_push"] > 0 for r in rows if r["shards"])
     assert (tmp_path / "training_throughput.csv").stat().st_size > 0
 
 

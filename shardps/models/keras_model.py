@@ -57,36 +57,52 @@ class KerasModel:
         keras.utils.set_random_seed(seed)
         body = layer_stack(name, input_shape, num_classes)
         self.net = keras.Sequential([keras.Input(tuple(input_shape)), *body], name=name)
-        self._vars = {f"{layer.name}/{v.name}": v for layer in self.net.layers for v in layer.trainable_weights}
+        if self.net.non_trainable_variables:
+            raise TypeError(f"model {name!r}: stateless training needs every variable trainable")
+        self._names = [v.path.split("/", 1)[1] for v in self.net.trainable_variables]  # "conv1/kernel"
+        # the weights the next computation uses; Keras variables only give the initial values
+        self._weights = dict(zip(self._names, (v.numpy() for v in self.net.trainable_variables)))
         self._grad_fn = tf.function(self._gradients, reduce_retracing=True)
-        self._logits_fn = tf.function(lambda x: self.net(x, training=False), reduce_retracing=True)
+        self._logits_fn = tf.function(self._logits, reduce_retracing=True)
 
     @property
     def names(self) -> list[str]:
-        return list(self._vars)
+        return list(self._names)
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        return {name: v.numpy() for name, v in self._vars.items()}
+        return dict(self._weights)
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        for name, v in self._vars.items():
-            v.assign(weights[name])
+        """Use ``weights`` (name -> array) from now on. Keeps references, copies nothing: do not mutate them."""
+        self._weights = {name: weights[name] for name in self._names}
 
-    def _gradients(self, x, y):
+    def _tensors(self) -> list:
+        return [tf.convert_to_tensor(self._weights[name]) for name in self._names]
+
+    def _logits(self, weights, x, training=False):
+        logits, _ = self.net.stateless_call(weights, [], x, training=training)
+        return logits
+
+    def _gradients(self, weights, x, y):
         with tf.GradientTape() as tape:
-            logits = self.net(x, training=True)
+            tape.watch(weights)
+            logits = self._logits(weights, x, training=True)
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
-        return tape.gradient(loss, list(self._vars.values())), loss
+        return tape.gradient(loss, weights), loss
 
     def compute_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
-        """Gradients of the mean cross-entropy on ``(x, y)`` and the loss."""
-        grads, loss = self._grad_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(y))
-        return {name: g.numpy() for name, g in zip(self._vars, grads)}, float(loss)
+        """Gradients of the mean cross-entropy on ``(x, y)`` at the weights set last, and the loss.
+
+        Stateless: the weights go into TensorFlow as function arguments, no
+        copy into Keras variables on each step.
+        """
+        grads, loss = self._grad_fn(self._tensors(), tf.convert_to_tensor(x), tf.convert_to_tensor(y))
+        return {name: g.numpy() for name, g in zip(self._names, grads)}, float(loss)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024) -> dict[str, float]:
         """``{"accuracy": top-1 accuracy on (x, y)}``."""
-        correct = 0
+        correct, weights = 0, self._tensors()
         for i in range(0, len(x), batch_size):
-            logits = self._logits_fn(tf.convert_to_tensor(x[i:i + batch_size]))
+            logits = self._logits_fn(weights, tf.convert_to_tensor(x[i:i + batch_size]))
             correct += int(np.sum(np.argmax(logits.numpy(), axis=1) == y[i:i + batch_size]))
         return {"accuracy": correct / max(1, len(x))}

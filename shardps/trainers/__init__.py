@@ -80,6 +80,7 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
                 run_sync(ps, crew, start, steps, on_step, config)
             else:
                 history.max_lead = run_async(ps, crew, start, steps, on_step, config, step_delays)
+            history.ms_per_step = crew.phases_ms_per_step()
         finally:
             crew.remove()
             if board is not None:

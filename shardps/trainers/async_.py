@@ -32,8 +32,8 @@ def run_async(ps, crew, start: int, steps: int, on_step, config,
     delays = list(step_delays or [0.0] * len(workers))
 
     def launch_run(i: int, done: int):
-        return workers[i].run.remote(done, steps - start, clock, max_inflight=config.max_inflight,
-                                     step_delay=delays[i], batch_offset=start,
+        return workers[i].run.remote(done, steps - start, clock, bounded=config.bound is not None,
+                                     max_inflight=config.max_inflight, step_delay=delays[i], batch_offset=start,
                                      prefetch=config.prefetch and config.bound is None)
 
     try:

@@ -36,6 +36,7 @@ class StepClock:
     async def tick(self, worker: int, done: int, loss: float) -> None:
         """Record that ``worker`` finished ``done`` steps, the last with ``loss``."""
         async with self._cond:
+            self._max_lead = max(self._max_lead, done - 1 - min(self._done))  # while it ran step done - 1
             self._done[worker] = done
             self._losses.append(loss)
             self._cond.notify_all()

@@ -25,7 +25,7 @@ class Crew:
     constructor's actor handles and data refs for a restart, and warns about
     exactly that on every run. ``actors`` is updated in place.
 
-    Blocks until every worker is up. Raises ``TimeoutError`` when the cluster
+    Blocks until every worker is up and has traced its model. Raises ``TimeoutError`` when the cluster
     has no room for them (after removing those it started).
     """
 
@@ -52,7 +52,7 @@ class Crew:
 
     def _wait_up(self, actors: list) -> None:
         try:
-            ray.get([w.pid.remote() for w in actors], timeout=WORKER_START_TIMEOUT_S)
+            ray.get([w.warm_up.remote() for w in actors], timeout=WORKER_START_TIMEOUT_S)
         except GetTimeoutError:
             self.remove()
             raise TimeoutError(f"{len(actors)} workers were not up within {WORKER_START_TIMEOUT_S} s; "
@@ -71,6 +71,17 @@ class Crew:
         ray.kill(self.actors[i])
         self.actors[i] = self._new(i)
         self._wait_up([self.actors[i]])
+
+    def phases_ms_per_step(self) -> dict[str, float]:
+        """Mean milliseconds per worker step in each phase (see ``Worker.phases``); blocks on every worker.
+
+        A replaced worker's time before it died is not counted.
+        """
+        counts = ray.get([worker.phases.remote() for worker in self.actors])
+        steps = sum(c.pop("steps") for c in counts)
+        phases = {phase for c in counts for phase in c}
+        return {phase: round(1000 * sum(c.get(phase, 0.0) for c in counts) / max(1, steps), 3)
+                for phase in sorted(phases)}
 
     def dead(self) -> list[int]:
         """Indices of the workers whose actor is gone. Blocks until each answered one call."""

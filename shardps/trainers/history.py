@@ -36,6 +36,7 @@ class History:
     logdir: str | None = None  # this run's TensorBoard folder, with TrainConfig.logdir
     reference: dict = field(default_factory=dict)  # the dataset's best achievable metrics (ctr: the teacher's)
     table_rows: dict = field(default_factory=dict)  # embedding table -> rows at the end
+    ms_per_step: dict = field(default_factory=dict)  # where a worker step's time went: phase -> mean ms
 
     @property
     def final_accuracy(self) -> float:
@@ -48,7 +49,7 @@ class History:
             "samples_per_s": round(self.samples_per_s, 1), "mode": self.mode, "num_shards": self.num_shards,
             "num_workers": self.num_workers, "dataset": self.dataset, "staleness": self.staleness,
             "max_lead": self.max_lead, "start_step": self.start_step, "recoveries": self.recoveries,
-            "logdir": self.logdir,
+            "logdir": self.logdir, "ms_per_step": self.ms_per_step,
             **self._table_summary(),
         }
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
+from collections import Counter, deque
+from contextlib import contextmanager
 
+import numpy as np
 import ray
 
 from shardps.data import Batches
@@ -31,6 +33,25 @@ class Worker:
         self._model = build_model(model, input_shape, num_classes, seed=seed, embedding_dim=embedding_dim)
         x, y = ray.get(data)
         self._batches = Batches(x, y, batch_size, seed=seed * 1000 + index)
+        self._phase_s: Counter = Counter()  # seconds spent per phase of a step, see :meth:`phases`
+        self._steps = 0
+
+    @contextmanager
+    def _timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._phase_s[phase] += time.perf_counter() - start
+
+    def phases(self) -> dict:
+        """Where this worker's time went: ``{"steps": n, phase: seconds, ...}``.
+
+        Phases: ``turn`` (waiting for the SSP clock), ``pull`` (waiting for
+        weights), ``set_weights``, ``compute`` (forward, backward, gradients to
+        numpy), ``push`` (sending, and waiting while too many are unacknowledged).
+        """
+        return {"steps": self._steps, **self._phase_s}
 
     def sync_step(self, step: int) -> tuple:
         """Pull, compute on mini-batch ``step``; return ``(loss, message for shard 0, ..., shard S-1)``.
@@ -39,8 +60,13 @@ class Worker:
         its own object ref that the driver hands to its shard unopened.
         """
         x, y = self._batches.batch(step)
-        dense, rows, loss = self._gradients(x, y, self._pull(x).wait())
-        return (loss, *self._router.pack(dense, rows))
+        with self._timed("pull"):
+            weights = self._pull(x).wait()
+        dense, rows, loss = self._gradients(x, y, weights)
+        with self._timed("push"):
+            messages = self._router.pack(dense, rows)
+        self._steps += 1
+        return (loss, *messages)
 
     def _pull(self, x):
         """Start pulling what batch ``x`` needs (dense keys and its rows, one message per shard): a Handle."""
@@ -48,21 +74,24 @@ class Worker:
 
     def _gradients(self, x, y, weights: dict) -> tuple[dict, dict, float]:
         """Compute on ``(x, y)`` at ``weights``; return ``(dense grads, {table: (ids, grads)}, loss)``."""
-        self._model.set_weights(weights)
-        grads, loss = self._model.compute_gradients(x, y)
+        with self._timed("set_weights"):
+            self._model.set_weights(weights)
+        with self._timed("compute"):
+            grads, loss = self._model.compute_gradients(x, y)
         rows = {name: grads.pop(name) for name in self._model.tables}
         return grads, rows, loss
 
-    def run(self, first: int, steps: int, clock, *, max_inflight: int = 2, step_delay: float = 0.0,
-            batch_offset: int = 0, prefetch: bool = False) -> int:
+    def run(self, first: int, steps: int, clock, *, bounded: bool = True, max_inflight: int = 2,
+            step_delay: float = 0.0, batch_offset: int = 0, prefetch: bool = False) -> int:
         """Async loop: pull -> compute -> push without a barrier, for steps ``first .. steps - 1``.
 
         Step ``i`` trains on mini-batch ``batch_offset + i`` (the offset: the
         step a resumed run starts from), so a restarted worker carries on with
         the data it would have seen.
 
-        Before each step asks ``clock`` for permission (the SSP bound, if any)
-        and reports each finished step with its loss. At most ``max_inflight``
+        Before each step asks ``clock`` for permission if the run is
+        ``bounded`` (SSP; a round trip per step that ASP skips) and reports
+        each finished step with its loss. At most ``max_inflight``
         pushes are unacknowledged at a time; all are acknowledged on return.
         ``prefetch`` (ASP only: it reads weights one step early): the pull for
         step ``i + 1`` is sent before step ``i``'s gradient is computed, so it
@@ -74,9 +103,12 @@ class Worker:
         inflight: deque = deque()
         ahead = None  # the pull already sent for this step
         for step in range(first, steps):
-            ray.get(clock.wait_turn.remote(self.index, step))
+            if bounded:
+                with self._timed("turn"):
+                    ray.get(clock.wait_turn.remote(self.index, step))
             x, y = self._batches.batch(batch_offset + step)
-            weights = (ahead if ahead is not None else self._pull(x)).wait()
+            with self._timed("pull"):
+                weights = (ahead if ahead is not None else self._pull(x)).wait()
             if prefetch and step + 1 < steps:
                 ahead = self._pull(self._batches.batch(batch_offset + step + 1)[0])
             else:
@@ -84,13 +116,28 @@ class Worker:
             dense, rows, loss = self._gradients(x, y, weights)
             if step_delay:
                 time.sleep(step_delay)  # simulated slowness, not synchronisation
-            inflight.append(self._router.push(dense, rows=rows, wait=False))
-            while len(inflight) > max_inflight:
-                inflight.popleft().wait()
+            with self._timed("push"):
+                inflight.append(self._router.push(dense, rows=rows, wait=False))
+                while len(inflight) > max_inflight:
+                    inflight.popleft().wait()
+            self._steps += 1
             clock.tick.remote(self.index, step + 1, loss)
         for handle in inflight:
             handle.wait()
         return steps - first
+
+    def warm_up(self) -> int:
+        """Compute one gradient on this worker's first batch at the model's initial weights; returns the pid.
+
+        Traces TensorFlow's function before the run's clock starts (what
+        Keras does on its first ``fit`` step). Talks to no shard, changes nothing.
+        """
+        x, y = self._batches.batch(0)
+        rows = {name: np.zeros((len(ids), self._model.tables[name]), np.float32)
+                for name, ids in self._model.rows_needed(x).items()}
+        self._model.set_weights({**self._model.get_weights(), **rows})
+        self._model.compute_gradients(x, y)
+        return os.getpid()
 
     def pid(self) -> int:
         """This worker's process id (for monitoring and fault-injection tests)."""
