@@ -1,10 +1,11 @@
-"""Where the CPU goes when 4 clients push concurrently: CPU-ms per push, by process kind.
+"""Where the CPU goes when clients push or pull: CPU-ms per call, by process kind.
 
 Explains the concurrent-clients result on a 2-core machine: when every
 process shares two cores, throughput is total CPU per push, not server
 parallelism. Reads utime+stime from /proc for every Ray process.
 
     python -m benchmarks.cpu_accounting --shards 2 --clients 4
+    python -m benchmarks.cpu_accounting --shards 1 --clients 1 --calls 100 --workload cnn --ops push pull
 """
 from __future__ import annotations
 
@@ -41,15 +42,16 @@ def _cpu_by_kind() -> dict[str, float]:
     return out
 
 
-def measure(target, shapes, clients: int, pushes: int) -> tuple[float, dict]:
+def measure(target, shapes, clients: int, calls: int, op: str) -> tuple[float, dict]:
+    """``(wall s, {process kind: CPU-ms per call})`` while ``clients`` actors each make ``calls`` ``op`` calls."""
     actors = [ray.remote(_Client).options(num_cpus=0.01).remote(target, shapes, i) for i in range(clients)]
-    ray.get([a.push.remote(1) for a in actors])
+    ray.get([getattr(a, op).remote(2) for a in actors])  # warm-up
     before, t0 = _cpu_by_kind(), time.perf_counter()
-    ray.get([a.push.remote(pushes) for a in actors])
+    ray.get([getattr(a, op).remote(calls) for a in actors])
     wall, after = time.perf_counter() - t0, _cpu_by_kind()
     for a in actors:
         ray.kill(a)
-    n = clients * pushes
+    n = clients * calls
     return wall, {k: 1000 * (after[k] - before.get(k, 0.0)) / n for k in after if after[k] - before.get(k, 0.0) > 0}
 
 
@@ -57,25 +59,29 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(prog="shardps bench cpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--pushes", type=int, default=50)
+    p.add_argument("--calls", "--pushes", type=int, default=50, help="calls per client")
     p.add_argument("--workload", default="model10x100k")
+    p.add_argument("--ops", nargs="+", default=["push"], choices=["push", "pull"])
     args = p.parse_args(argv)
-    start_ray(num_cpus=os.cpu_count())
+    started = start_ray(num_cpus=os.cpu_count())
     shapes = workloads()[args.workload]
     values = arrays(shapes, scale=1e-3)
     rows = []
     server = ray.remote(BaselineServer).options(num_cpus=0.01).remote(list(values), list(values.values()))
-    wall, cpu = measure(server, shapes, args.clients, args.pushes)
-    rows.append({"system": "baseline", "wall_ms_per_push": 1000 * wall / (args.clients * args.pushes), **cpu})
-    with shardps.launch(args.shards, optimizer=shardps.SGD(lr=-1.0)) as ps:
-        ps.register(values)
-        wall, cpu = measure(ps, shapes, args.clients, args.pushes)
-        rows.append({"system": f"shardps {args.shards} shards", "wall_ms_per_push": 1000 * wall / (args.clients * args.pushes), **cpu})
-    for row in rows:
-        row["total_cpu_ms_per_push"] = sum(v for k, v in row.items() if k not in ("system", "wall_ms_per_push"))
-    kinds = sorted({k for r in rows for k in r} - {"system", "wall_ms_per_push", "total_cpu_ms_per_push"})
-    print_table(rows, ["system", "wall_ms_per_push", "total_cpu_ms_per_push", *kinds])
-    ray.shutdown()
+    try:
+        with shardps.launch(args.shards, optimizer=shardps.SGD(lr=-1.0)) as ps:
+            ps.register(values)
+            for op in args.ops:  # both servers up at once, measured one after the other per op
+                for system, target in (("baseline", server), (f"shardps {args.shards} shards", ps)):
+                    wall, cpu = measure(target, shapes, args.clients, args.calls, op)
+                    rows.append({"system": system, "op": op, "wall_ms_per_call": 1000 * wall / (args.clients * args.calls),
+                                 "total_cpu_ms_per_call": sum(cpu.values()), **cpu})
+    finally:
+        ray.kill(server)
+        if started:
+            ray.shutdown()
+    kinds = sorted({k for r in rows for k in r} - {"system", "op", "wall_ms_per_call", "total_cpu_ms_per_call"})
+    print_table(rows, ["system", "op", "wall_ms_per_call", "total_cpu_ms_per_call", *kinds])
     return rows
 
 

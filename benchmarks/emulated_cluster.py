@@ -4,11 +4,14 @@ Each host is a Linux network namespace joined by a veth pair to a bridge with
 no IP address and no default route, so no packet leaves the private test
 subnet. Host 0 runs the Ray head and the client (the benchmark driver) with
 an unshaped link; hosts 1..N are parameter servers whose links are shaped
-with ``tc tbf`` in both directions (default 250 Mbit/s), one shard per host.
+with ``tc tbf`` in both directions (default 250 Mbit/s), one shard per host;
+with ``--client-hosts M``, hosts N+1..N+M each run one concurrent client
+(unshaped links, like host 0's).
 Every process is stopped by pid at the end (never ``ray stop``, which would
 kill every Ray on the machine).
 
     sudo python -m benchmarks.emulated_cluster --servers 4 --out bench-out/cluster
+    sudo python -m benchmarks.emulated_cluster --servers 4 --client-hosts 4 --out bench-out/clients
 """
 from __future__ import annotations
 
@@ -43,15 +46,19 @@ def _run(*cmd: str, check: bool = True, env: dict | None = None) -> subprocess.C
 
 
 class EmulatedCluster:
-    """Namespaces, links and Ray nodes for ``servers`` server hosts plus one client host.
+    """Namespaces, links and Ray nodes for ``servers`` server hosts, the driver's host and ``clients`` client hosts.
+
+    Server host ``i`` has Ray resources ``{"server": 1, "node<i>": 1}``,
+    client host ``j`` (1-based) ``{"clienthost<j>": 1}``.
 
     Use as a context manager: on exit every process in the namespaces is
     stopped by pid and the namespaces and bridge are deleted.
     """
 
-    def __init__(self, servers: int, *, server_mbit: int = 250, client_mbit: int | None = None,
+    def __init__(self, servers: int, *, server_mbit: int = 250, client_mbit: int | None = None, clients: int = 0,
                  temp_root: str = f"/tmp/{PREFIX}c"):
         self.servers = servers
+        self.clients = clients
         self.server_mbit = server_mbit
         self.client_mbit = client_mbit
         self.temp_root = Path(temp_root)
@@ -77,7 +84,7 @@ class EmulatedCluster:
     def _network(self) -> None:
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
         _run("ip", "link", "set", BRIDGE, "up")
-        for host in range(self.servers + 1):
+        for host in self._hosts:
             ns, outside = _ns(host), f"{PREFIX}v{host}"
             _run("ip", "netns", "add", ns)
             _run("ip", "link", "add", outside, "type", "veth", "peer", "name", f"{PREFIX}p{host}")
@@ -87,7 +94,7 @@ class EmulatedCluster:
             _run("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
             _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
             _run("ip", "link", "set", outside, "master", BRIDGE, "up")
-            rate = self.client_mbit if host == 0 else self.server_mbit
+            rate = self.server_mbit if 1 <= host <= self.servers else self.client_mbit
             if rate:
                 shape = ["root", "tbf", "rate", f"{rate}mbit", "burst", "512kb", "latency", "50ms"]
                 _run("tc", "qdisc", "replace", "dev", outside, *shape)  # download into the host
@@ -103,8 +110,16 @@ class EmulatedCluster:
             node = ["ray", "start", f"--address={self.address}", f"--node-ip-address={_ip(host)}",
                     "--resources", json.dumps({"server": 1, f"node{host}": 1})]
             _run("ip", "netns", "exec", _ns(host), *node, *common, env=self.env)
+        for j in range(1, self.clients + 1):
+            node = ["ray", "start", f"--address={self.address}", f"--node-ip-address={_ip(self.servers + j)}",
+                    "--resources", json.dumps({f"clienthost{j}": 1})]
+            _run("ip", "netns", "exec", _ns(self.servers + j), *node, *common, env=self.env)
         self.in_client([sys.executable, "-c", _WAIT_FOR_NODES.format(address=self.address, ip=_ip(0),
-                                                                     nodes=self.servers + 1)])
+                                                                     nodes=len(self._hosts))])
+
+    @property
+    def _hosts(self) -> range:
+        return range(self.servers + self.clients + 1)
 
     def in_client(self, cmd: list[str]) -> None:
         """Run ``cmd`` in the client host's namespace, output passed through; raises on failure."""
@@ -112,7 +127,7 @@ class EmulatedCluster:
 
     def close(self) -> None:
         """Stop every process in the namespaces by pid, then delete namespaces and bridge."""
-        hosts = range(self.servers + 1)
+        hosts = self._hosts
         for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
             pids = [int(p) for h in hosts for p in _run("ip", "netns", "pids", _ns(h), check=False).stdout.split()]
             for pid in pids:
@@ -149,15 +164,23 @@ def main(argv=None) -> None:
     p.add_argument("--client-mbit", type=int, default=0, help="the client's link, Mbit/s (0: unshaped)")
     p.add_argument("--workloads", nargs="+", default=["cnn", "big"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--client-rounds", type=int, default=5, help="measured rounds with --client-hosts")
     p.add_argument("--out", type=Path, default=Path("bench-out/cluster"))
     p.add_argument("--replication", action="store_true",
                    help="instead of the sweep: replicas=2 vs none at servers/2 shards (benchmarks.replication)")
     p.add_argument("--tables", action="store_true",
                    help="instead of the sweep: embedding tables, 1 to servers shards and the dict actor "
                         "(benchmarks.tables at 1e6 ids, dim 64, Zipf)")
+    p.add_argument("--client-hosts", type=int, default=0,
+                   help="instead of the sweep: this many clients, each on a host of its own, push and pull the "
+                        "first workload at once (1 to servers shards and the original actor)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         p.error("needs root (network namespaces and tc)")
+    if args.client_hosts < 0 or args.client_hosts == 1:
+        p.error("--client-hosts must be 0 (off) or >= 2")
+    if args.client_hosts:
+        return _client_hosts(args)
     if args.replication:
         return _replication(args)
     if args.tables:
@@ -171,6 +194,29 @@ def main(argv=None) -> None:
     rows = json.loads((args.out / "ps_throughput.json").read_text())
     targets = speedups(rows, max(shards))
     write_rows(args.out, "cluster_targets", targets)
+    print_table(targets, ["target", "value", "ok"])
+
+
+def _client_hosts(args) -> None:
+    """Concurrent clients on hosts of their own: aggregate push and pull of one workload at 1..servers shards."""
+    shards = [s for s in (1, 2, 4, 8) if s <= args.servers]
+    placement = [{f"clienthost{j}": 0.01} for j in range(1, args.client_hosts + 1)]
+    with EmulatedCluster(args.servers, server_mbit=args.server_mbit, client_mbit=args.client_mbit or None,
+                         clients=args.client_hosts) as c:
+        c.in_client([sys.executable, "-m", "benchmarks.ps_throughput", "--address", c.address, "--node-ip", _ip(0),
+                     "--server-resources", json.dumps({"server": 0.01}), "--workloads", args.workloads[0],
+                     "--client-workloads", args.workloads[0], "--optimizers", "add",
+                     "--clients", str(args.client_hosts), "--client-resources", json.dumps(placement),
+                     "--client-pushes", "1", "--client-rounds", str(args.client_rounds), "--client-warmup", "1",
+                     "--shards", *map(str, shards), "--repeats", "1", "--min-seconds", "0", "--no-plot",
+                     "--out", str(args.out)])
+    rows = [r for r in json.loads((args.out / "ps_throughput.json").read_text()) if r["clients"] > 1]
+    mb_s = {(r["system"], r["shards"], r["op"]): r["mb_s"] for r in rows}
+    targets = [{"target": f"{args.client_hosts} client hosts, {args.workloads[0]} {op}: {max(shards)} shards vs 1 "
+                          f">= 3x", "value": mb_s["shardps", max(shards), op] / mb_s["shardps", 1, op],
+                "ok": mb_s["shardps", max(shards), op] / mb_s["shardps", 1, op] >= 3} for op in ("push", "pull")]
+    write_rows(args.out, "cluster_client_targets", targets)
+    print_table(rows, ["workload", "system", "shards", "clients", "op", "mb_s", "min_mb_s", "max_mb_s", "vs_baseline"])
     print_table(targets, ["target", "value", "ok"])
 
 

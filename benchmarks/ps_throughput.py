@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -98,10 +99,14 @@ def _interleaved(ops: dict, rounds: int, seconds: float) -> dict:
     return {key: median(values) for key, values in per_round.items()}
 
 
-def _concurrent(targets: dict, shapes, num_clients: int, calls: int, rounds: int, warmup: int) -> dict:
+def _concurrent(targets: dict, shapes, num_clients: int, calls: int, rounds: int, warmup: int,
+                placement: list[dict] | None = None) -> dict:
     """Wall seconds per round, per (target key, op), for ``num_clients`` actors to push (or pull) ``calls``
-    times each. ``warmup`` whole rounds first (object-store pages, first calls); targets take turns."""
-    clients = {key: [ray.remote(_Client).options(num_cpus=0.01).remote(target, shapes, i) for i in range(num_clients)]
+    times each. ``warmup`` whole rounds first (object-store pages, first calls); targets take turns.
+    ``placement``: Ray resources of client ``i`` (cycled), e.g. one client host each."""
+    placement = placement or [{}]
+    clients = {key: [ray.remote(_Client).options(num_cpus=0.01, resources=placement[i % len(placement)])
+                     .remote(target, shapes, i) for i in range(num_clients)]
                for key, target in targets.items()}
     try:
         walls: dict = {(key, op): [] for key in targets for op in ("push", "pull")}
@@ -167,7 +172,8 @@ def measure_workload(name, shapes, args, rows, loads) -> None:
             if args.clients > 1 and name in args.client_workloads:
                 moved = nbytes * args.clients * args.client_pushes
                 for ((system, shards), op), walls in _concurrent(concurrent, shapes, args.clients, args.client_pushes,
-                                                                 args.client_rounds, args.client_warmup).items():
+                                                                 args.client_rounds, args.client_warmup,
+                                                                 args.client_resources).items():
                     rows.append(_row(name, "add" if system == "baseline" else opt_name, system, shards, args.clients,
                                      op, moved, median(walls), min_mb_s=moved / max(walls) / 1e6,
                                      max_mb_s=moved / min(walls) / 1e6, rounds=len(walls)))
@@ -241,6 +247,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--client-pushes", type=int, default=5, help="pushes (or pulls) per client per round")
     p.add_argument("--client-rounds", type=int, default=15, help="measured rounds with concurrent clients")
     p.add_argument("--client-warmup", type=int, default=3, help="unmeasured rounds first")
+    p.add_argument("--client-resources", type=json.loads, default=None,
+                   help='JSON list of Ray resources, client i gets entry i (cycled), e.g. \'[{"host1": 0.01}]\'')
     p.add_argument("--repeats", type=int, default=5, help="rounds; every configuration is timed once per round")
     p.add_argument("--min-seconds", type=float, default=0.3, help="minimum seconds per configuration per round")
     p.add_argument("--scale", type=float, default=1.0, help="shrink tensor sizes (smoke tests)")

@@ -131,7 +131,7 @@ def run(args) -> list[dict]:
     from shardps.cluster import start_ray
 
     rows = []
-    for dataset, steps in (("synthetic", args.steps), ("digits", args.digits_steps)):
+    for dataset, steps in [(d, args.steps if d == "synthetic" else args.digits_steps) for d in args.datasets]:
         runs = _runs(dataset, steps, args)
         results: dict[tuple, list[dict]] = {name: [] for name, _ in runs}
         started = start_ray(num_cpus=args.num_cpus)
@@ -156,6 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="shardps bench training", description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", nargs="+", default=["sync", "async", "ssp"])
     p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--datasets", nargs="+", default=["synthetic", "digits"], choices=["synthetic", "digits"])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=200, help="steps per worker on synthetic MNIST-shaped data")
     p.add_argument("--digits-steps", type=int, default=300, help="steps per worker on digits")

@@ -81,3 +81,15 @@ def test_ctr_throughput_smoke(ray_session, tmp_path):
     sync, = [r for r in rows if r["mode"] == "sync"]
     assert sync["examples_per_s"] > 0 and 0 < sync["bytes_per_example"] < sync["whole_tables_bytes_per_example"]
     assert (tmp_path / "ctr_throughput.csv").stat().st_size > 0
+
+
+def test_cpu_accounting_smoke(ray_session):
+    from benchmarks import cpu_accounting
+
+    rows = cpu_accounting.main(["--shards", "1", "--clients", "1", "--calls", "20", "--workload", "model10x100k",
+                                "--ops", "push", "pull"])
+    assert [(r["system"].split()[0], r["op"]) for r in rows] == \
+        [("baseline", "push"), ("shardps", "push"), ("baseline", "pull"), ("shardps", "pull")]
+    assert all(r["wall_ms_per_call"] > 0 for r in rows)
+    # /proc counts CPU in 10 ms ticks: one row may see none, 80 calls of 4 MB all together do
+    assert sum(r["total_cpu_ms_per_call"] for r in rows) > 0

@@ -129,6 +129,21 @@ def test_bad_push_raises_and_changes_nothing(make_ps, num_shards, values, error,
     assert sum(s["pushes"] for s in ps.stats()) == 0
 
 
+def test_large_push_with_nan_is_dropped_unsent(make_ps, num_shards):
+    """Large messages are copied into the object store while the check runs: a failed check sends nothing."""
+    ps = make_ps(num_shards, optimizer=SGD(lr=-1.0))
+    ps.register({"big": np.zeros(200_000, np.float32), "small": np.zeros(3, np.float32)})
+    bad = np.ones(200_000, np.float32)
+    bad[-1] = np.nan
+    with pytest.raises(ValueError, match="'big'.*NaN"):
+        ps.push({"small": np.ones(3, np.float32), "big": bad})
+    assert sum(s["pushes"] for s in ps.stats()) == 0
+    ps.push({"small": np.ones(3, np.float32), "big": np.arange(200_000, dtype=np.float32)})
+    got = ps.pull()
+    np.testing.assert_array_equal(got["big"], np.arange(200_000, dtype=np.float32))
+    np.testing.assert_array_equal(got["small"], np.ones(3, np.float32))
+
+
 def test_nonfinite_allowed_when_asked(make_ps):
     ps = make_ps(2, block_bytes=BLOCK, allow_nonfinite=True, optimizer=SGD(lr=-1.0))
     ps.register({"b": np.zeros(4, np.float32)})
