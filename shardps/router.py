@@ -5,11 +5,11 @@ every request before anything is sent, packs everything bound for one shard
 into one message, sends to all involved shards at once and gathers.
 
 Cost of one operation on a tensor split over S shards:
-- push: one validation pass (cast), one packing copy per shard only when
-  its part is several small keys (see :func:`shardps.wire.join`), one copy
-  into Ray's object store per message, made while a helper thread runs the
-  NaN/Inf check; S remote calls in flight together; the shard reads the
-  message zero-copy and updates its buffer in place.
+- push: one validation pass (cast + finiteness), one packing copy per shard
+  only when its part is several small keys (see :func:`shardps.wire.join`),
+  one copy into Ray's object store per message; S remote calls in flight
+  together; the shard reads the message zero-copy and updates its buffer in
+  place.
 - pull: S remote calls in flight together; the shard answers with its buffer
   (one copy into the object store, plus a gather copy when only some keys are
   asked for); the client reads the answers zero-copy: a key held whole by one
@@ -28,13 +28,11 @@ order, and the shards' record of applied pushes is exact in any order anyway
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import threading
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -51,12 +49,6 @@ from shardps.table import Uniform, as_ids, initializer_config, rows_per_shard, s
 from shardps.wire import INLINE_BYTES, ROWS, all_finite, from_wire, join, message_bytes, to_wire
 
 _NUMERIC_KINDS = "biuf"
-
-
-@functools.cache
-def _check_pool() -> ThreadPoolExecutor:
-    """Threads for NaN/Inf checks that overlap a push's copies (made on first use: no thread at import)."""
-    return ThreadPoolExecutor(2, thread_name_prefix="shardps-check")
 
 
 class Router:
@@ -256,21 +248,10 @@ class Router:
                 registered one (``same_kind`` casting), or NaN/Inf.
             TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
         """
-        messages = self._staged(values, rows)
-        return self._send_push(lambda s, tag: self._push_call(s, tag, messages[s]),
+        messages = self._for_replicated(self.pack(values, rows))
+        return self._send_push(lambda s, tag: self._shards[s].push.remote((tag, messages[s])),
                                [s for s, msg in enumerate(messages) if msg is not None], lambda replies: None,
                                wait=wait, timeout=timeout)
-
-    def _push_call(self, s: int, tag: Tag, message):
-        """Send ``message`` (a dict, or a ref to one) to shard ``s``; its ObjectRef.
-
-        A ref goes as an argument of its own, which Ray fetches before the
-        call, except to a shard with a replica: that one gets it unopened
-        (inside the packet) to hand on to its replica first.
-        """
-        if isinstance(message, ray.ObjectRef) and self._replicas is None:
-            return self._shards[s].push_mean.remote(tag, message)
-        return self._shards[s].push.remote((tag, message))  # one argument: Ray charges per argument
 
     def _send_push(self, call: Callable, shards: list[int], finish: Callable, *,
                    wait: bool, timeout: float | None, client: str | None = None, seq: int | None = None,
@@ -331,35 +312,7 @@ class Router:
         Raises as :meth:`push`; nothing is built unless everything is valid.
         """
         flats = self._validated(values)
-        self._name_nonfinite(flats)
-        return self._messages(flats, rows or {})
-
-    def _staged(self, values: Mapping[str, Any], rows: Mapping[str, tuple] | None = None) -> list:
-        """:meth:`pack`'s messages, the large ones already copied into Ray's object store (as refs).
-
-        The NaN/Inf check runs in a helper thread while those copies are
-        made (numpy and Ray's copy both release the GIL), so on a free core
-        it adds no time; when it fails the copies are dropped unsent. A
-        shard with a replica hands such a ref on before fetching it, so both
-        download the message at once (a 100 MB push costs one transfer, not two).
-        Blocks until the copies and the check are done; raises as :meth:`push`.
-        """
-        flats = self._validated(values)
-        messages = self._messages(flats, rows or {})
-        large = [s for s, msg in enumerate(messages) if msg is not None and message_bytes(msg) > INLINE_BYTES]
-        if not large or self._allow_nonfinite:
-            self._name_nonfinite(flats)
-            return [ray.put(msg) if s in large else msg for s, msg in enumerate(messages)]
-        check = _check_pool().submit(self._name_nonfinite, flats)
-        try:
-            staged = {s: ray.put(messages[s]) for s in large}
-        finally:
-            check.result()  # re-raises the check's ValueError: the staged copies go unsent
-        return [staged.get(s, msg) for s, msg in enumerate(messages)]
-
-    def _messages(self, flats: dict[str, np.ndarray], rows: Mapping[str, tuple]) -> list[dict | None]:
-        """One push message per shard (``None``: not involved) from validated flat arrays; validates ``rows``."""
-        row_parts = self._row_parts(rows)
+        row_parts = self._row_parts(rows or {})
         parts = [defaultdict(list) for _ in self._shards]
         for key, flat in flats.items():
             spec = self._layout.keys[key]
@@ -372,7 +325,10 @@ class Router:
                 indexed.sort(key=lambda item: item[0])
                 everything = len(indexed) == len(self._layout.shard_segments[shard][dt])
                 ids = None if everything else np.array([i for i, _ in indexed], np.int64)
-                msg[dt] = (ids, join([p for _, p in indexed]))
+                parts = [p for _, p in indexed]
+                if not self._allow_nonfinite and not all(all_finite(p) for p in parts):
+                    self._name_nonfinite(flats)
+                msg[dt] = (ids, join(parts))
             if row_parts[shard]:
                 msg[ROWS] = row_parts[shard]
             messages.append(msg or None)
@@ -389,8 +345,19 @@ class Router:
                 parts[s][name] = (unique[mask], summed[mask])
         return parts
 
+    def _for_replicated(self, messages: list[dict | None]) -> list:
+        """With replicas, large messages go into Ray's object store and travel as refs.
+
+        A shard hands the ref on to its replica before fetching it, so both
+        download the message at once over their own links instead of one
+        after the other (a 100 MB push then costs one transfer, not two).
+        """
+        if self._replicas is None:
+            return messages
+        return [ray.put(msg) if msg is not None and message_bytes(msg) > INLINE_BYTES else msg for msg in messages]
+
     def _validated(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Flat arrays in the registered dtypes; checks keys, shapes and dtypes (finiteness: separately)."""
+        """Flat arrays in the registered dtypes; checks keys, shapes and dtypes (finiteness: in :meth:`pack`)."""
         if not isinstance(values, Mapping):
             raise TypeError(f"push needs a dict of name -> array. Received: {type(values).__name__}")
         flats = {}
@@ -403,13 +370,13 @@ class Router:
                 if arr.dtype.kind not in _NUMERIC_KINDS or not np.can_cast(arr.dtype, spec.dtype, "same_kind"):
                     raise ValueError(f"key {key!r}: expected dtype {spec.dtype} (or one that casts to it), "
                                      f"received {arr.dtype}")
-                with np.errstate(over="ignore"):  # overflow becomes Inf, rejected by the finiteness check
+                with np.errstate(over="ignore"):  # overflow becomes Inf, rejected in pack()
                     arr = arr.astype(spec.dtype)
             flats[key] = arr.reshape(-1)
         return flats
 
     def _name_nonfinite(self, flats: dict[str, np.ndarray]) -> None:
-        """Raise ``ValueError`` naming the first key holding NaN or Inf (unless ``allow_nonfinite``)."""
+        """Raise ``ValueError`` naming the first key holding NaN or Inf."""
         for key, flat in flats.items():
             self._check_finite(key, flat)
 
@@ -453,7 +420,7 @@ class Router:
         the pull in the same call, so the values returned include this push.
         Blocking and errors as :meth:`push` and :meth:`pull`.
         """
-        messages = self._staged(values)
+        messages = self._for_replicated(self.pack(values))
         requests, unpack = self._pull_plan(keys)
         asked = [s for s in range(self.num_shards) if messages[s] is not None or requests[s] is not None]
         return self._send_push(lambda s, tag: self._shards[s].push_pull.remote((tag, messages[s], requests[s])),
