@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from shardps.table import RowIndex, as_ids, mix64, name_salt, segment_sum
+from shardps.wire import all_finite
 
 _COUNTER_SALT = 0xC0FFEE  # admission counters hash ids apart from placement and the row index
 
@@ -131,13 +132,23 @@ class EmbeddingTable:
 
         Raises ``ValueError`` (wrong shape, NaN/Inf) before anything changes.
         """
+        self.apply(*self.checked(ids, grads))
+
+    def checked(self, ids, grads) -> tuple[np.ndarray, np.ndarray]:
+        """``(unique ids ascending, summed grads)`` ready for :meth:`apply`; changes nothing.
+
+        Raises ``ValueError`` for bad ids, grads of the wrong shape or NaN/Inf.
+        """
         grads = np.asarray(grads, self.dtype)
         if grads.shape != (len(np.asarray(ids)), self.dim):
             raise ValueError(f"table {self.name!r}: grads must have shape ({len(np.asarray(ids))}, {self.dim}). "
                              f"Received {grads.shape}")
-        if not np.isfinite(grads).all():
+        if not all_finite(grads):
             raise ValueError(f"table {self.name!r}: grads contain NaN or Inf")
-        ids, grads = segment_sum(ids, grads)
+        return segment_sum(ids, grads)
+
+    def apply(self, ids: np.ndarray, grads: np.ndarray) -> None:
+        """Apply what :meth:`checked` returned (unique ids, finite grads of the right shape)."""
         slots = self._index.lookup(ids)
         admitted = (slots >= 0) | self._admit(ids[slots < 0], slots)
         ids, grads, slots = ids[admitted], grads[admitted], slots[admitted]

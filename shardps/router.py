@@ -405,26 +405,37 @@ class Router:
             KeyError: an unregistered key.
             TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
         """
+        return self._pull(keys, rows, None, wait, timeout)
+
+    def _pull(self, keys, rows: Mapping[str, Any] | None, table: str | None, wait: bool, timeout: float | None):
+        """:meth:`pull`; with ``table`` the answer is that table's rows alone."""
         requests, unpack = self._pull_plan(keys, rows)
         self._check_open()
         asked = [s for s, request in enumerate(requests) if request is not None]
         refs = [self._shards[s].pull.remote((self._segments(s), requests[s])) for s in asked]
-        handle = Handle(refs, lambda replies: unpack(asked, replies))
+        handle = Handle(refs, lambda replies: _only(unpack(asked, replies), table))
         return handle.wait(timeout) if wait else handle
 
     def push_pull(self, values: Mapping[str, Any], keys: Iterable[str] | str | None = None, *,
+                  rows: Mapping[str, tuple] | None = None, pull_rows: Mapping[str, Any] | None = None,
                   wait: bool = True, timeout: float | None = None):
-        """Push ``values``, then pull ``keys`` (all when None): one round trip per shard.
+        """Push ``values`` (and ``rows``, as :meth:`push`), then pull ``keys`` (all when None; and
+        ``pull_rows``, as :meth:`pull`'s ``rows``): one round trip per shard.
 
         Each shard applies its part of the push and answers with its part of
         the pull in the same call, so the values returned include this push.
         Blocking and errors as :meth:`push` and :meth:`pull`.
         """
-        messages = self._for_replicated(self.pack(values))
-        requests, unpack = self._pull_plan(keys)
+        return self._push_pull(values, keys, rows, pull_rows, None, wait, timeout)
+
+    def _push_pull(self, values, keys, rows, pull_rows, table: str | None, wait: bool, timeout: float | None):
+        """:meth:`push_pull`; with ``table`` the answer is that table's rows alone."""
+        messages = self._for_replicated(self.pack(values, rows))
+        requests, unpack = self._pull_plan(keys, pull_rows)
         asked = [s for s in range(self.num_shards) if messages[s] is not None or requests[s] is not None]
         return self._send_push(lambda s, tag: self._shards[s].push_pull.remote((tag, messages[s], requests[s])),
-                               asked, lambda replies: unpack(asked, replies), wait=wait, timeout=timeout)
+                               asked, lambda replies: _only(unpack(asked, replies), table), wait=wait,
+                               timeout=timeout)
 
     def _pull_plan(self, keys, rows: Mapping[str, Any] | None = None) -> tuple[list[dict | None], Callable]:
         """Per-shard pull requests (``None``: not involved) and ``unpack(shards, replies) -> dict``."""
@@ -562,14 +573,7 @@ class Router:
             KeyError: unknown table. TypeError, ValueError: ids not 1-D integers below 2**63.
             TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
         """
-        spec = self._table_spec(name)
-        wanted, inverse = np.unique(as_ids(ids), return_inverse=True)
-        self._check_open()
-        masks = self._by_shard(name, wanted)
-        shards = list(masks)
-        refs = [self._shards[s].pull_rows.remote((name, wanted[masks[s]])) for s in shards]
-        handle = Handle(refs, lambda replies: _assemble(spec, wanted, inverse, shards, masks, replies))
-        return handle.wait(timeout) if wait else handle
+        return self._pull([], {name: ids}, name, wait, timeout)
 
     def _row_grads(self, spec: dict, ids, grads) -> tuple[np.ndarray, np.ndarray]:
         """Validated ``(unique ids, summed grads)``; raises before anything is sent."""
@@ -597,31 +601,14 @@ class Router:
         (KeyError: unknown table; ValueError: grads of the wrong shape or
         dtype, or NaN/Inf; TypeError/ValueError: bad ids).
         """
-        spec = self._table_spec(name)
-        unique, summed = self._row_grads(spec, ids, grads)
-        masks = self._by_shard(name, unique)
-        return self._send_push(lambda s, tag: self._shards[s].push_rows.remote(
-            (tag, name, unique[masks[s]], summed[masks[s]])), list(masks), lambda acks: None,
-            wait=wait, timeout=timeout)
+        return self.push({}, rows={name: (ids, grads)}, wait=wait, timeout=timeout)
 
     def push_pull_rows(self, name: str, ids, grads, pull_ids, *, wait: bool = True, timeout: float | None = None):
         """Push as :meth:`push_rows`, then pull ``pull_ids`` as :meth:`pull_rows`: one round trip per shard.
 
         The rows returned include this push.
         """
-        spec = self._table_spec(name)
-        unique, summed = self._row_grads(spec, ids, grads)
-        wanted, inverse = np.unique(as_ids(pull_ids), return_inverse=True)
-        push_masks, pull_masks = self._by_shard(name, unique), self._by_shard(name, wanted)
-        shards = sorted(set(push_masks) | set(pull_masks))
-        empty = np.zeros(len(unique), bool)
-
-        def call(s: int, tag: Tag):
-            push, pull = push_masks.get(s, empty), pull_masks.get(s, np.zeros(len(wanted), bool))
-            return self._shards[s].push_pull_rows.remote((tag, name, unique[push], summed[push], wanted[pull]))
-
-        return self._send_push(call, shards, lambda replies: _assemble(spec, wanted, inverse, shards, pull_masks,
-                                                                        replies), wait=wait, timeout=timeout)
+        return self._push_pull({}, [], {name: (ids, grads)}, {name: pull_ids}, name, wait, timeout)
 
     # ---- lifetime ------------------------------------------------------
     def shutdown(self) -> None:
@@ -636,6 +623,11 @@ class Router:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _only(answer: dict, table: str | None):
+    """``answer``, or with ``table`` just its entry (the single-table row calls)."""
+    return answer if table is None else answer[table]
 
 
 def _assemble(spec: dict, wanted: np.ndarray, inverse: np.ndarray, shards: list[int], masks: dict,

@@ -35,7 +35,7 @@ from shardps.embedding import EmbeddingTable
 from shardps.errors import ShardUnavailableError
 from shardps.optim import optimizer_from_config
 from shardps.partition import HashPartitioner, Layout, SegmentState
-from shardps.table import as_ids, initializer_from_config, rows_per_shard, segment_sum, shard_of_ids
+from shardps.table import as_ids, initializer_from_config, rows_per_shard, shard_of_ids
 from shardps.wire import ROWS, from_wire, to_wire
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,11 @@ def _tables_of_shard(entries: list[dict], rows: dict, shard: int, num_shards: in
         spec["max_rows"] = rows_per_shard(entry["max_rows"], num_shards)
         out[name] = {"spec": spec, "rows": {k: (v if k == "counts" else v[mine]) for k, v in all_rows.items()}}
     return out
+
+
+def _dense_part(message: dict | None) -> dict:
+    """A push message's dense groups ``{dtype: (ids, data)}``, without its table rows."""
+    return {k: v for k, v in (message or {}).items() if k != ROWS}
 
 
 def _fetched(messages: tuple) -> list:
@@ -315,7 +320,7 @@ class ParameterShard:
         if not fetched:
             raise ValueError("push needs at least one message")  # None messages: a sync worker with nothing here
         rows = self._plan_rows(fetched)  # validates everything before anything changes
-        plan = self._plan_push([m for m in fetched if m is not None and len(m) > (ROWS in m)])
+        plan = self._plan_push([dense for dense in map(_dense_part, fetched) if dense])
         for group, ids, pieces in plan:
             for lo, hi, grad, step in pieces:
                 for a in range(lo, hi, _CHUNK):  # cache-sized pieces: the update's temporaries stay in cache
@@ -324,7 +329,7 @@ class ParameterShard:
                     self._optimizer.apply(group.params[a:b], grad[a - lo:b - lo], state, step)
             group.steps[ids] += 1
         for table, ids, grads in rows:
-            table.push(ids, grads)
+            table.apply(ids, grads)
         return self._applied_push(tag, pending)
 
     def _plan_rows(self, messages: list) -> list:
@@ -340,12 +345,15 @@ class ParameterShard:
         plan = []
         for name, pairs in parts.items():
             table = self._table(name)
-            ids = np.concatenate([as_ids(ids) for ids, _ in pairs])
-            grads = np.concatenate([np.asarray(grads) for _, grads in pairs]) if len(pairs) > 1 else pairs[0][1]
-            if grads.shape != (len(ids), table.dim) or grads.dtype != table.dtype or not np.isfinite(grads).all():
-                raise ValueError(f"shard {self.shard_id}: table {name!r} got grads of shape {grads.shape} and dtype "
-                                 f"{grads.dtype} (needs ({len(ids)}, {table.dim}) {table.dtype}, finite)")
-            ids, grads = segment_sum(ids, grads)
+            if len(pairs) == 1:
+                ids, grads = pairs[0]
+            else:
+                ids = np.concatenate([as_ids(ids) for ids, _ in pairs])
+                grads = np.concatenate([np.asarray(grads) for _, grads in pairs])
+            try:
+                ids, grads = table.checked(ids, grads)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"shard {self.shard_id}: {exc}") from None
             plan.append((table, ids, grads / len(messages) if len(messages) > 1 else grads))
         return plan
 
@@ -391,7 +399,7 @@ class ParameterShard:
         segment (large pushes: the router then skips its packing copy).
         """
         plan = []
-        for dtype, (ids, _) in ((k, v) for k, v in (messages[0].items() if messages else ()) if k != ROWS):
+        for dtype, (ids, _) in (messages[0].items() if messages else ()):
             group = self._groups.get(dtype)
             if group is None:
                 raise ValueError(f"shard {self.shard_id} holds no {dtype} parameters")
@@ -454,40 +462,11 @@ class ParameterShard:
                                         f"{self._restored_step}, which lacks table {name!r}: its rows are lost")
         raise KeyError(f"shard {self.shard_id} holds no table {name!r}")
 
-    def pull_rows(self, packet: tuple) -> np.ndarray:
-        """``packet = (table, ids)`` -> ``(len(ids), dim)`` rows (initial values for ids without a row)."""
-        self._check_alive()
-        name, ids = packet
-        self._pulls += 1
-        return self._table(name).pull(ids)
-
-    def push_rows(self, packet: tuple) -> int:
-        """``packet = (tag, table, unique ids, grads)``: apply once per (client, seq), as :meth:`push_mean`.
-
-        Blocks until the replica (if any) applied it too. Raises ``ValueError`` before anything changes.
-        """
-        self._check_alive()
-        tag, name, ids, grads = packet
-        tag = Tag(*tag) if tag else Tag()
-        table = self._table(name)
-        if tag.client is not None and not self._applied.is_new(tag.client, tag.seq, tag.floor):
-            return self._version
-        pending = self._mirror_send("push_rows", packet)
-        table.push(ids, grads)  # validates before it changes anything
-        return self._applied_push(tag, pending)
-
     def load_table(self, name: str, rows: dict) -> None:
         """Replace table ``name``'s rows here (restore); see :meth:`EmbeddingTable.load`. Raises ``ValueError``."""
         self._check_alive()
         self._table(name).load(rows)
         self._mirror("load_table", name, rows)
-
-    def push_pull_rows(self, packet: tuple) -> np.ndarray:
-        """``packet = (tag, table, ids, grads, pull ids)``: push (if any ids), then pull: one round trip."""
-        tag, name, ids, grads, pull_ids = packet
-        if ids is not None and len(ids):
-            self.push_rows((tag, name, ids, grads))
-        return self.pull_rows((name, pull_ids))
 
     def pull(self, packet: tuple = (None, None)) -> tuple[int, dict]:
         """Current values: ``packet = (segments, request)`` -> ``(version, {dtype: data})``.
@@ -541,7 +520,7 @@ class ParameterShard:
         return groups, {"version": self._version, "applied": self._applied.to_json()}, tables
 
     # ---- replication ---------------------------------------------------
-    _MIRRORED = ("register", "push_mean", "load_state", "register_table", "push_rows", "load_table")
+    _MIRRORED = ("register", "push_mean", "load_state", "register_table", "load_table")
 
     def replicate(self, method: str, args: tuple) -> bool:
         """On a replica: apply a change its shard just made. False if this replica restarted and needs :meth:`adopt`."""

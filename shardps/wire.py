@@ -43,9 +43,7 @@ def message_bytes(message: dict) -> int:
     """Bytes of data in a push message ``{dtype: (ids, data), ROWS: {table: (ids, grads)}}``
     (data: wire form, or a list of arrays)."""
     total = sum(ids.nbytes + grads.nbytes for ids, grads in message.get(ROWS, {}).values())
-    for dtype, (_, data) in message.items():
-        if dtype == ROWS:
-            continue
+    for _, data in (entry for dtype, entry in message.items() if dtype != ROWS):
         for part in data if isinstance(data, list) else [data]:
             total += len(part) if isinstance(part, (bytes, bytearray)) else part.nbytes
     return total

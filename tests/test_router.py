@@ -265,3 +265,12 @@ def test_large_pushes_sent_as_parts_match_oracle(make_ps, num_shards, opt):
         oracle.push(grads)
     for key, value in ps.pull().items():
         np.testing.assert_allclose(value, oracle.params[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_message_bytes_counts_dense_data_and_table_rows():
+    from shardps.wire import ROWS, message_bytes
+
+    ids, grads = np.arange(5, dtype=np.int64), np.ones((5, 4), np.float32)
+    message = {"<f4": (None, np.ones(300, np.float32)), ROWS: {"a": (ids, grads), "b": (ids, grads)}}
+    assert message_bytes(message) == 1200 + 2 * (40 + 80)
+    assert message_bytes({ROWS: {"a": (ids, grads)}}) == 120
