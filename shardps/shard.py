@@ -12,7 +12,9 @@ loop over keys.
 Messages (built by the router):
 - register: ``{dtype: (keys, sizes, data)}`` appends one segment per key;
 - push:     ``{dtype: (segment_ids or None, data)}``; ``None`` means all segments;
-- pull:     ``{dtype: segment_ids or None}``, answered with ``{dtype: data}``.
+            plus ``{ROWS: {table: (unique ids, grads)}}`` for embedding rows;
+- pull:     ``{dtype: segment_ids or None}``, answered with ``{dtype: data}``;
+            plus ``{ROWS: {table: ids}}``, answered with ``{ROWS: {table: rows}}``.
 
 Data travels as :mod:`shardps.wire` encodes it (bytes when small). Per-call
 metadata is one positional tuple: Ray charges ~0.15 ms for keyword arguments.
