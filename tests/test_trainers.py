@@ -1,6 +1,7 @@
 """Trainers against oracles: sync == single-process SGD; SSP bounds the lead, ASP does not."""
 import numpy as np
 import pytest
+import ray
 
 from shardps.config import TrainConfig
 from shardps.data import Batches, load_digits, worker_split
@@ -62,3 +63,20 @@ def test_resume_continues_from_checkpoint_with_another_shard_count(ray_session, 
     assert resumed.start_step == 20 and resumed.steps == 30
     assert [p.step for p in resumed.points] == [30]  # only the remaining steps ran
     assert resumed.final_accuracy >= done.final_accuracy - 0.05  # it did not start from scratch
+
+
+def test_phase_timings_skip_a_worker_that_died_after_its_last_step(ray_session):
+    """A worker killed once its run() returned must not fail the run when its timings are collected."""
+    from shardps.trainers.crew import Crew
+
+    @ray.remote(num_cpus=0)
+    class Finished:
+        def phases(self):
+            return {"steps": 10, "compute": 0.5}
+
+    alive, dead = Finished.remote(), Finished.remote()
+    ray.get(dead.phases.remote())
+    ray.kill(dead, no_restart=True)
+    crew = object.__new__(Crew)  # only its actors matter here
+    crew.actors = [alive, dead]
+    assert crew.phases_ms_per_step() == {"compute": 50.0}

@@ -75,9 +75,16 @@ class Crew:
     def phases_ms_per_step(self) -> dict[str, float]:
         """Mean milliseconds per worker step in each phase (see ``Worker.phases``); blocks on every worker.
 
-        A replaced worker's time before it died is not counted.
+        Only workers alive now count: a replaced worker's time before it
+        died is lost, as is that of one killed after its last step (the run
+        itself is not affected).
         """
-        counts = ray.get([worker.phases.remote() for worker in self.actors])
+        counts = []
+        for answer in [worker.phases.remote() for worker in self.actors]:  # all in flight at once
+            try:
+                counts.append(ray.get(answer, timeout=WORKER_START_TIMEOUT_S))
+            except (RayActorError, GetTimeoutError):
+                continue
         steps = sum(c.pop("steps") for c in counts)
         phases = {phase for c in counts for phase in c}
         return {phase: round(1000 * sum(c.get(phase, 0.0) for c in counts) / max(1, steps), 3)
