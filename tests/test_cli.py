@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -132,6 +133,8 @@ def test_interrupt_leaves_no_process_behind(tmp_path, signum, status):
         for line in proc.stderr:  # wait until training is really running
             if line.startswith("step "):
                 break
+        # keep reading: a CLI blocked writing to a full pipe (progress, Ray's forwarded logs) never exits
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
         started = descendants(proc.pid)
         assert started, "Ray processes should be running under the CLI"
         proc.send_signal(signum)
