@@ -128,17 +128,24 @@ def test_interrupt_leaves_no_process_behind(tmp_path, signum, status):
         [sys.executable, "-m", "shardps.cli", "train", "--model", "mlp", "--dataset", "digits", "--steps", "100000",
          "--num-shards", "2", "--num-cpus", "2", "--eval-every", "5"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
+    lines = []
     try:
         for line in proc.stderr:  # wait until training is really running
             if line.startswith("step "):
                 break
         # keep reading: a CLI blocked writing to a full pipe (progress, Ray's forwarded logs) never exits
-        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
         started = descendants(proc.pid)
         assert started, "Ray processes should be running under the CLI"
         proc.send_signal(signum)
-        assert proc.wait(timeout=120) == status
+        try:
+            assert proc.wait(timeout=120) == status
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+            proc.wait(timeout=30)
+            raise AssertionError("the CLI did not exit:\n" + "".join(lines[-200:])) from None
     finally:
         proc.kill()
     deadline = time.monotonic() + 60
