@@ -121,12 +121,19 @@ def test_unreachable_address_fails_fast_with_a_clear_message(tmp_path):
     assert time.monotonic() - started < 60  # Ray alone kept retrying for minutes
 
 
+# `python -m shardps.cli`, with Ctrl-C raising KeyboardInterrupt as in a terminal. A process started in the
+# background inherits SIGINT ignored and Python rightly keeps it ignored: a test run started that way (CI
+# scripts often are) would otherwise send a Ctrl-C that the CLI never sees.
+_AS_FROM_A_TERMINAL = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                       "from shardps.cli import main; sys.exit(main())")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_interrupt_leaves_no_process_behind(tmp_path, signum, status):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shardps.cli", "train", "--model", "mlp", "--dataset", "digits", "--steps", "100000",
-         "--num-shards", "2", "--num-cpus", "2", "--eval-every", "5"],
+        [sys.executable, "-c", _AS_FROM_A_TERMINAL, "train", "--model", "mlp", "--dataset", "digits", "--steps",
+         "100000", "--num-shards", "2", "--num-cpus", "2", "--eval-every", "5"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path,
         env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
