@@ -7,9 +7,6 @@ import logging
 
 import ray
 from ray.exceptions import RayActorError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-from shardps.trainers.clock import StepClock
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +22,7 @@ def run_async(ps, crew, start: int, steps: int, on_step, config,
     from the step it had reached. Returns the largest lead of one worker over
     the slowest that was seen.
     """
-    workers = crew.actors
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    # on the driver's node: the clock holds the run's progress and must not die with another node
-    clock = ray.remote(StepClock).options(num_cpus=0, scheduling_strategy=here).remote(len(workers), config.bound)
+    workers, clock = crew.actors, crew.clock
     delays = list(step_delays or [0.0] * len(workers))
 
     def launch_run(i: int, done: int):
@@ -36,29 +30,26 @@ def run_async(ps, crew, start: int, steps: int, on_step, config,
                                      max_inflight=config.max_inflight, step_delay=delays[i], batch_offset=start,
                                      prefetch=config.prefetch and config.bound is None)
 
-    try:
-        runs = {launch_run(i, 0): i for i in range(len(workers))}
-        next_eval, losses = start + config.eval_every, []
-        while runs:
-            ready, _ = ray.wait(list(runs), num_returns=1, timeout=_POLL_S)
-            progress = ray.get(clock.progress.remote())
-            for ref in ready:
-                i = runs.pop(ref)
-                try:
-                    ray.get(ref)
-                except RayActorError as exc:  # the worker died: a new one carries on where it stopped
-                    crew.replace(i, exc)
-                    progress = ray.get(clock.progress.remote())
-                    runs[launch_run(i, progress["done"][i])] = i
-            losses.extend(progress["losses"])
-            step = start + sum(progress["done"]) / len(workers)
-            due = step >= next_eval and bool(runs)
-            on_step(step, losses, evaluate_now=due, total=steps)
-            if due:
-                next_eval, losses = next_eval + config.eval_every, []
-        final = ray.get(clock.progress.remote())
-        losses.extend(final["losses"])
-        on_step(steps, losses, evaluate_now=True, total=steps)
-        return final["max_lead"]
-    finally:
-        ray.kill(clock)
+    runs = {launch_run(i, 0): i for i in range(len(workers))}
+    next_eval, losses = start + config.eval_every, []
+    while runs:
+        ready, _ = ray.wait(list(runs), num_returns=1, timeout=_POLL_S)
+        progress = ray.get(clock.progress.remote())
+        for ref in ready:
+            i = runs.pop(ref)
+            try:
+                ray.get(ref)
+            except RayActorError as exc:  # the worker died: a new one carries on where it stopped
+                crew.replace(i, exc)
+                progress = ray.get(clock.progress.remote())
+                runs[launch_run(i, progress["done"][i])] = i
+        losses.extend(progress["losses"])
+        step = start + sum(progress["done"]) / len(workers)
+        due = step >= next_eval and bool(runs)
+        on_step(step, losses, evaluate_now=due, total=steps)
+        if due:
+            next_eval, losses = next_eval + config.eval_every, []
+    final = ray.get(clock.progress.remote())
+    losses.extend(final["losses"])
+    on_step(steps, losses, evaluate_now=True, total=steps)
+    return final["max_lead"]

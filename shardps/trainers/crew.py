@@ -6,9 +6,11 @@ import os
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardps.cluster import SHARD_CPUS
 from shardps.data import Dataset, worker_split
+from shardps.trainers.clock import StepClock
 from shardps.trainers.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -25,8 +27,14 @@ class Crew:
     constructor's actor handles and data refs for a restart, and warns about
     exactly that on every run. ``actors`` is updated in place.
 
-    Blocks until every worker is up and has traced its model. Raises ``TimeoutError`` when the cluster
-    has no room for them (after removing those it started).
+    Async and SSP runs also get their :class:`StepClock` here (``clock``;
+    ``None`` in sync runs), on the driver's node: it holds the run's progress
+    and must not die with another node. Started with the workers, its
+    process start-up does not compete with the first training steps.
+
+    Blocks until every worker is up and has traced its model, and the clock
+    is up. Raises ``TimeoutError`` when the cluster has no room for them
+    (after removing those it started).
     """
 
     def __init__(self, ps, data: Dataset, config):
@@ -43,16 +51,20 @@ class Crew:
         parts = worker_split(len(data.x_train), config.num_workers, seed=config.seed)
         self._data = [[ray.put(data.x_train[idx]), ray.put(data.y_train[idx])] for idx in parts]
         self.replaced = [0] * config.num_workers
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.clock = None if config.mode == "sync" else ray.remote(StepClock).options(
+            num_cpus=0, scheduling_strategy=here).remote(config.num_workers, config.bound)
         self.actors = [self._new(i) for i in range(config.num_workers)]
-        self._wait_up(self.actors)
+        self._wait_up(self.actors, also=[self.clock.progress.remote()] if self.clock else [])
 
     def _new(self, i: int):
         return self._actor.remote(i, *self._args, self._data[i], self._config.batch_size, seed=self._config.seed,
                                   embedding_dim=self._config.embedding_dim)
 
-    def _wait_up(self, actors: list) -> None:
+    def _wait_up(self, actors: list, also: list = ()) -> None:
+        """Block until ``actors`` traced their model and the calls ``also`` answered."""
         try:
-            ray.get([w.warm_up.remote() for w in actors], timeout=WORKER_START_TIMEOUT_S)
+            ray.get([w.warm_up.remote() for w in actors] + list(also), timeout=WORKER_START_TIMEOUT_S)
         except GetTimeoutError:
             self.remove()
             raise TimeoutError(f"{len(actors)} workers were not up within {WORKER_START_TIMEOUT_S} s; "
@@ -102,6 +114,6 @@ class Crew:
         return dead
 
     def remove(self) -> None:
-        """Kill every worker. Idempotent."""
-        for worker in self.actors:
-            ray.kill(worker)
+        """Kill every worker and the clock. Idempotent."""
+        for actor in self.actors + ([self.clock] if self.clock else []):
+            ray.kill(actor)
