@@ -56,6 +56,12 @@ class Handle:
         self._done = True
         return self._result
 
+    def then(self, f: Callable[[Any], Any]) -> "Handle":
+        """This handle, its result now ``f(result)`` (call before :meth:`wait`). Does not block."""
+        finish = self._finish
+        self._finish = lambda replies: f(finish(replies))
+        return self
+
     def ready(self) -> bool:
         """True when every call has its final answer (``wait()`` will not block). Does not block."""
         ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0, fetch_local=False)

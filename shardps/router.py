@@ -33,6 +33,7 @@ import threading
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping
+from operator import itemgetter
 from typing import Any, Callable
 
 import numpy as np
@@ -405,15 +406,11 @@ class Router:
             KeyError: an unregistered key.
             TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
         """
-        return self._pull(keys, rows, None, wait, timeout)
-
-    def _pull(self, keys, rows: Mapping[str, Any] | None, table: str | None, wait: bool, timeout: float | None):
-        """:meth:`pull`; with ``table`` the answer is that table's rows alone."""
         requests, unpack = self._pull_plan(keys, rows)
         self._check_open()
         asked = [s for s, request in enumerate(requests) if request is not None]
         refs = [self._shards[s].pull.remote((self._segments(s), requests[s])) for s in asked]
-        handle = Handle(refs, lambda replies: _only(unpack(asked, replies), table))
+        handle = Handle(refs, lambda replies: unpack(asked, replies))
         return handle.wait(timeout) if wait else handle
 
     def push_pull(self, values: Mapping[str, Any], keys: Iterable[str] | str | None = None, *,
@@ -426,16 +423,11 @@ class Router:
         the pull in the same call, so the values returned include this push.
         Blocking and errors as :meth:`push` and :meth:`pull`.
         """
-        return self._push_pull(values, keys, rows, pull_rows, None, wait, timeout)
-
-    def _push_pull(self, values, keys, rows, pull_rows, table: str | None, wait: bool, timeout: float | None):
-        """:meth:`push_pull`; with ``table`` the answer is that table's rows alone."""
         messages = self._for_replicated(self.pack(values, rows))
         requests, unpack = self._pull_plan(keys, pull_rows)
         asked = [s for s in range(self.num_shards) if messages[s] is not None or requests[s] is not None]
         return self._send_push(lambda s, tag: self._shards[s].push_pull.remote((tag, messages[s], requests[s])),
-                               asked, lambda replies: _only(unpack(asked, replies), table), wait=wait,
-                               timeout=timeout)
+                               asked, lambda replies: unpack(asked, replies), wait=wait, timeout=timeout)
 
     def _pull_plan(self, keys, rows: Mapping[str, Any] | None = None) -> tuple[list[dict | None], Callable]:
         """Per-shard pull requests (``None``: not involved) and ``unpack(shards, replies) -> dict``."""
@@ -573,7 +565,8 @@ class Router:
             KeyError: unknown table. TypeError, ValueError: ids not 1-D integers below 2**63.
             TimeoutError, ShardUnavailableError: see :meth:`Handle.wait`.
         """
-        return self._pull([], {name: ids}, name, wait, timeout)
+        handle = self.pull([], rows={name: ids}, wait=False).then(itemgetter(name))
+        return handle.wait(timeout) if wait else handle
 
     def _row_grads(self, spec: dict, ids, grads) -> tuple[np.ndarray, np.ndarray]:
         """Validated ``(unique ids, summed grads)``; raises before anything is sent."""
@@ -608,7 +601,9 @@ class Router:
 
         The rows returned include this push.
         """
-        return self._push_pull({}, [], {name: (ids, grads)}, {name: pull_ids}, name, wait, timeout)
+        handle = self.push_pull({}, [], rows={name: (ids, grads)}, pull_rows={name: pull_ids},
+                                wait=False).then(itemgetter(name))
+        return handle.wait(timeout) if wait else handle
 
     # ---- lifetime ------------------------------------------------------
     def shutdown(self) -> None:
@@ -623,11 +618,6 @@ class Router:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def _only(answer: dict, table: str | None):
-    """``answer``, or with ``table`` just its entry (the single-table row calls)."""
-    return answer if table is None else answer[table]
 
 
 def _assemble(spec: dict, wanted: np.ndarray, inverse: np.ndarray, shards: list[int], masks: dict,
