@@ -13,6 +13,7 @@ of samples/s beside them, plus the mean time per worker step in each phase.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 from pathlib import Path
@@ -172,6 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # TensorFlow warns of "retracing" once tf.functions of the same method were traced 5 times in this
+    # process: here every run builds its own model, each traced once or twice, so the warning means nothing
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     args = parse_args(argv)
     rows = run(args)
     write_rows(args.out, "training_throughput", rows)
