@@ -60,7 +60,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--shards", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=15)
     args = p.parse_args(argv)
-    start_ray(num_cpus=os.cpu_count())
+    started = start_ray(num_cpus=os.cpu_count())
     values = arrays(workloads()[args.workload], scale=1e-3)
     keys, vals = list(values), list(values.values())
     rows = []
@@ -72,7 +72,8 @@ def main(argv=None) -> list[dict]:
     for num_shards in args.shards:
         optimizer = OPTIMIZERS[args.optimizer]()
         actors = [ray.remote(_TimedShard).options(num_cpus=0.01).remote(i, optimizer) for i in range(num_shards)]
-        ps = Router(actors, Layout(HashPartitioner(num_shards)), optimizer=optimizer)
+        ps = Router(actors, Layout(HashPartitioner(num_shards)), optimizer=optimizer,
+                    on_shutdown=lambda shards=actors: [ray.kill(a) for a in shards])  # owns them: may register
         ps.register(values)
         wall = median(time_op(lambda: ps.push(values), min_repeats=args.repeats))
         check = median(time_op(lambda: [all_finite(v) for v in vals], min_repeats=args.repeats))
@@ -81,10 +82,10 @@ def main(argv=None) -> list[dict]:
         rows.append({"system": f"shardps {num_shards} shard(s), {args.optimizer}", "push_ms": 1e3 * wall,
                      "in_server_ms": max(shard_ms), "nan_check_ms": 1e3 * check,
                      "validate_and_pack_ms": 1e3 * pack})
-        for a in actors:
-            ray.kill(a)
+        ps.shutdown()
     print_table(rows, ["system", "push_ms", "in_server_ms", "nan_check_ms", "validate_and_pack_ms"])
-    ray.shutdown()
+    if started:
+        ray.shutdown()
     return rows
 
 

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import ray
 
 from benchmarks import ps_throughput, training_throughput
 
@@ -93,3 +94,12 @@ def test_cpu_accounting_smoke(ray_session):
     assert all(r["wall_ms_per_call"] > 0 for r in rows)
     # /proc counts CPU in 10 ms ticks: one row may see none, 80 calls of 4 MB all together do
     assert sum(r["total_cpu_ms_per_call"] for r in rows) > 0
+
+
+def test_profile_push_smoke(ray_session):
+    from benchmarks import profile_push
+
+    rows = profile_push.main(["--workload", "tiny", "--shards", "1", "2", "--repeats", "3"])
+    assert [r["system"] for r in rows] == ["baseline", "shardps 1 shard(s), add", "shardps 2 shard(s), add"]
+    assert all(r["push_ms"] > 0 and r["in_server_ms"] > 0 for r in rows)
+    assert ray.is_initialized()  # it left the shared Ray session running
