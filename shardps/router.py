@@ -10,9 +10,10 @@ Cost of one operation on a tensor split over S shards:
   one copy into Ray's object store per message; S remote calls in flight
   together; the shard reads the message zero-copy and updates its buffer in
   place.
-- pull: S remote calls in flight together; the shard answers with its buffer
-  (one copy into the object store, plus a gather copy when only some keys are
-  asked for); the client reads the answers zero-copy: a key held whole by one
+- pull: S remote calls in flight together; the shard answers with views of
+  its buffer, one per key (packed into one array when they are small or
+  many: :func:`shardps.wire.join`), which Ray copies once into the object
+  store; the client reads the answers zero-copy: a key held whole by one
   shard is returned as a read-only view, a split key is assembled with one
   copy into a fresh array.
 
@@ -47,7 +48,7 @@ from shardps.embedding import EmbeddingTable
 from shardps.optim import Adagrad, optimizer_config
 from shardps.partition import KeySpec, Layout
 from shardps.table import Uniform, as_ids, initializer_config, rows_per_shard, segment_sum, shard_of_ids
-from shardps.wire import INLINE_BYTES, ROWS, all_finite, from_wire, join, message_bytes, to_wire
+from shardps.wire import INLINE_BYTES, ROWS, all_finite, join, message_bytes, split, to_wire
 
 _NUMERIC_KINDS = "biuf"
 
@@ -462,14 +463,11 @@ class Router:
             for shard, (version, data) in zip(shards, replies):
                 self._versions[shard] = version
                 for dt, segs in wanted[shard].items():
-                    at, flat = 0, from_wire(data[dt], np.dtype(dt))
-                    for seg in segs:
-                        part = flat[at:at + seg.size]
+                    for seg, part in zip(segs, split(data[dt], np.dtype(dt), [seg.size for seg in segs])):
                         if seg.key in out:
                             out[seg.key].reshape(-1)[seg.start:seg.stop] = part
                         else:
                             out[seg.key] = part.reshape(self._layout.keys[seg.key].shape)
-                        at += seg.size
             answer = {name: out[name] for name in names}
             for name, (spec, wanted_ids, inverse, masks) in tables.items():
                 mine = [s for s in shards if s in masks]

@@ -38,7 +38,7 @@ from shardps.errors import ShardUnavailableError
 from shardps.optim import optimizer_from_config
 from shardps.partition import HashPartitioner, Layout, SegmentState
 from shardps.table import as_ids, initializer_from_config, rows_per_shard, shard_of_ids
-from shardps.wire import ROWS, from_wire, to_wire
+from shardps.wire import MAX_PARTS, ROWS, from_wire, join, to_wire
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,16 @@ def _tables_of_shard(entries: list[dict], rows: dict, shard: int, num_shards: in
 def _dense_part(message: dict | None) -> dict:
     """A push message's dense groups ``{dtype: (ids, data)}``, without its table rows."""
     return {k: v for k, v in (message or {}).items() if k != ROWS}
+
+
+def _answer(group: _Group, ids) -> object:
+    """The wire form of the values of segments ``ids`` (None: all): one view per segment, as :func:`join`
+    packs them, or for many segments their contiguous runs. Ray serialises it on return: no aliasing."""
+    ids = group.check_ids(ids)
+    if len(ids) <= MAX_PARTS:
+        return join([group.params[o:o + n] for o, n in zip(group.offsets[ids].tolist(), group.sizes[ids].tolist())])
+    runs = [group.params[lo:hi] for _, lo, hi, _ in group.runs(ids, by_step=False)]
+    return to_wire(runs[0] if len(runs) == 1 else np.concatenate(runs))
 
 
 def _fetched(messages: tuple) -> list:
@@ -487,13 +497,7 @@ class ParameterShard:
         for dtype, ids in request.items():
             if dtype == ROWS:
                 continue
-            group = self._groups[dtype]
-            if ids is None:
-                out[dtype] = to_wire(group.params)  # serialised by Ray on return: no aliasing
-                continue
-            ids = group.check_ids(ids)
-            runs = group.runs(ids, by_step=False)
-            out[dtype] = to_wire(np.concatenate([group.params[lo:hi] for _, lo, hi, _ in runs]))
+            out[dtype] = _answer(self._groups[dtype], ids)
         self._pulls += 1
         return self._version, out
 

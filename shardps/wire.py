@@ -50,12 +50,36 @@ def message_bytes(message: dict) -> int:
 
 
 _JOIN_BYTES = 1 << 20  # below this a packing copy is cheaper than Ray's per-array overhead
+MAX_PARTS = 256  # more parts than this are packed into one array
 
 
 def join(parts: list[np.ndarray]):
-    """The wire form of one shard's parts: one array (small: concatenated), or the parts themselves (large)."""
+    """The wire form of consecutive 1-D parts: one array (small or many parts: concatenated), or the parts.
+
+    Large parts travel as they are, with no packing copy: Ray copies each
+    into the object store anyway, and an answer of several arrays of a few
+    MB is quicker than one of their total size (Ray copies buffers above
+    1 MiB with 6 threads; measured on 2 cores, 4 MB returned in ten arrays
+    1.46 ms vs 1.62 ms in one).
+    """
     if len(parts) == 1:
         return to_wire(parts[0])
-    if sum(p.nbytes for p in parts) >= _JOIN_BYTES and len(parts) <= 256:
-        return parts  # Ray copies each into the object store anyway: no packing copy
+    if sum(p.nbytes for p in parts) >= _JOIN_BYTES and len(parts) <= MAX_PARTS:
+        return parts
     return to_wire(np.concatenate(parts))
+
+
+def split(data, dtype: np.dtype, sizes: list[int]) -> list[np.ndarray]:
+    """The parts of ``sizes`` elements that :func:`join` sent as ``data`` (views, no copy).
+
+    Raises ``ValueError`` if the sizes do not match.
+    """
+    if isinstance(data, list):
+        if [p.size for p in data] != list(sizes):
+            raise ValueError(f"parts of {[p.size for p in data][:5]}... elements where {list(sizes)[:5]}... were expected")
+        return data
+    flat = from_wire(data, dtype)
+    if flat.size != sum(sizes):
+        raise ValueError(f"{flat.size} elements where {sum(sizes)} were expected")
+    bounds = np.cumsum([0, *sizes]).tolist()
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -274,3 +274,15 @@ def test_message_bytes_counts_dense_data_and_table_rows():
     message = {"<f4": (None, np.ones(300, np.float32)), ROWS: {"a": (ids, grads), "b": (ids, grads)}}
     assert message_bytes(message) == 1200 + 2 * (40 + 80)
     assert message_bytes({ROWS: {"a": (ids, grads)}}) == 120
+
+
+def test_split_undoes_join():
+    from shardps.wire import join, split
+
+    for sizes in ([3], [3, 4], [200_000, 5, 300_000], [5] * 300, [40_000] * 3):
+        parts = [np.full(n, i, np.float32) for i, n in enumerate(sizes)]
+        wire = join(parts)
+        for got, want in zip(split(wire, np.float32, sizes), parts):
+            np.testing.assert_array_equal(got, want)
+        with pytest.raises(ValueError):
+            split(wire, np.float32, [*sizes[:-1], sizes[-1] + 1])

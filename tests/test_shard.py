@@ -4,7 +4,7 @@ import pytest
 
 from shardps import SGD, Adam, ParameterShard
 from shardps.dedup import Tag
-from shardps.wire import from_wire
+from shardps.wire import MAX_PARTS, from_wire, split
 
 F32 = np.dtype(np.float32).str
 
@@ -119,3 +119,23 @@ def test_adopting_an_export_copies_everything():
     np.testing.assert_array_equal(got[F32][3]["m"], want[F32][3]["m"])
     with pytest.raises(ValueError):
         copy.replicate("pull", ())  # only changes are mirrored
+
+
+@pytest.mark.parametrize("request_ids", [None, np.array([0, 2])])
+def test_large_answer_comes_one_array_per_segment(request_ids):
+    """Over 1 MiB, a pull answer is a list of views, one per segment (Ray copies each; no gather copy)."""
+    sizes = [200_000, 150_000, 220_000]
+    shard, data = shard_with(sizes)
+    ids = list(range(len(sizes))) if request_ids is None else request_ids.tolist()
+    answer = shard.pull((None, {F32: request_ids}))[1][F32]
+    assert isinstance(answer, list) and [p.size for p in answer] == [sizes[i] for i in ids]
+    starts = np.cumsum([0, *sizes])
+    for i, part in zip(ids, split(answer, np.float32, [sizes[i] for i in ids])):
+        np.testing.assert_array_equal(part, data[starts[i]:starts[i + 1]])
+
+
+def test_answer_for_many_segments_is_one_array():
+    shard, data = shard_with([5000] * (MAX_PARTS + 1))
+    answer = shard.pull((None, None))[1][F32]
+    assert isinstance(answer, np.ndarray)
+    np.testing.assert_array_equal(np.concatenate(split(answer, np.float32, [5000] * (MAX_PARTS + 1))), data)
