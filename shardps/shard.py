@@ -38,7 +38,7 @@ from shardps.errors import ShardUnavailableError
 from shardps.optim import optimizer_from_config
 from shardps.partition import HashPartitioner, Layout, SegmentState
 from shardps.table import as_ids, initializer_from_config, rows_per_shard, shard_of_ids
-from shardps.wire import MAX_PARTS, ROWS, from_wire, join, to_wire
+from shardps.wire import ROWS, from_wire, one_array, to_wire
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,14 @@ def _dense_part(message: dict | None) -> dict:
 
 
 def _answer(group: _Group, ids) -> object:
-    """The wire form of the values of segments ``ids`` (None: all): one view per segment, as :func:`join`
-    packs them, or for many segments their contiguous runs. Ray serialises it on return: no aliasing."""
-    ids = group.check_ids(ids)
-    if len(ids) <= MAX_PARTS:
-        return join([group.params[o:o + n] for o, n in zip(group.offsets[ids].tolist(), group.sizes[ids].tolist())])
+    """The wire form of the values of segments ``ids`` (None: all), as :func:`join` would send them: one view
+    per segment, or (one, small or many segments) their contiguous runs in one array, packed only when
+    several. Ray serialises it on return: no aliasing."""
+    everything, ids = ids is None, group.check_ids(ids)
+    if not one_array(int(group.sizes[ids].sum()) * group.dtype.itemsize, len(ids)):
+        return [group.params[o:o + n] for o, n in zip(group.offsets[ids].tolist(), group.sizes[ids].tolist())]
+    if everything:  # one run: the whole buffer
+        return to_wire(group.params)
     runs = [group.params[lo:hi] for _, lo, hi, _ in group.runs(ids, by_step=False)]
     return to_wire(runs[0] if len(runs) == 1 else np.concatenate(runs))
 
