@@ -31,7 +31,7 @@ from collections import Counter
 
 import numpy as np
 
-from shardps import checkpoint
+from shardps import checkpoint, update
 from shardps.dedup import AppliedRecord, Tag
 from shardps.embedding import EmbeddingTable
 from shardps.errors import ShardUnavailableError
@@ -42,7 +42,6 @@ from shardps.wire import ROWS, from_wire, one_array, to_wire
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 256 * 1024  # elements per optimizer call (1 MiB of float32): its temporaries stay in L2 (2 MiB here)
 
 
 def _node_id() -> str | None:
@@ -336,12 +335,8 @@ class ParameterShard:
             raise ValueError("push needs at least one message")  # None messages: a sync worker with nothing here
         rows = self._plan_rows(fetched)  # validates everything before anything changes
         plan = self._plan_push([dense for dense in map(_dense_part, fetched) if dense])
-        for group, ids, pieces in plan:
-            for lo, hi, grad, step in pieces:
-                for a in range(lo, hi, _CHUNK):  # cache-sized pieces: the update's temporaries stay in cache
-                    b = min(a + _CHUNK, hi)
-                    state = {name: buf[a:b] for name, buf in group.state.items()}
-                    self._optimizer.apply(group.params[a:b], grad[a - lo:b - lo], state, step)
+        update.apply(self._optimizer, [(group, *piece) for group, _, pieces in plan for piece in pieces])
+        for group, ids, _ in plan:
             group.steps[ids] += 1
         for table, ids, grads in rows:
             table.apply(ids, grads)

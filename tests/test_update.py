@@ -1,0 +1,70 @@
+"""A shard's update, chunked and spread over threads, against one optimizer call per range (no Ray)."""
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from shardps import SGD, Adagrad, Adam, Momentum, update
+from shardps.optim import FTRL
+
+ALL = [SGD(lr=-1.0), SGD(lr=0.1), Momentum(lr=0.1, momentum=0.9), Adam(lr=0.01), Adagrad(lr=0.1),
+       FTRL(lr=0.1, l1=0.05, l2=0.01, beta=0.5)]
+
+
+class _Recording:
+    """An optimizer that notes which threads applied it."""
+
+    def __init__(self, inner):
+        self.inner, self.threads = inner, set()
+
+    def apply(self, param, grad, state, step):
+        self.threads.add(threading.get_ident())
+        self.inner.apply(param, grad, state, step)
+
+
+def _group(opt, size, rng):
+    return SimpleNamespace(params=rng.standard_normal(size).astype(np.float32),
+                           state={s: rng.random(size).astype(np.float32) for s in opt.slots()})
+
+
+def _copy(group):
+    return SimpleNamespace(params=group.params.copy(), state={k: v.copy() for k, v in group.state.items()})
+
+
+@pytest.mark.parametrize("opt", ALL, ids=lambda o: f"{type(o).__name__}({getattr(o, 'lr', '')})")
+@pytest.mark.parametrize("threads", [2, 3])
+def test_large_update_over_threads_equals_one_call_per_range(opt, threads, monkeypatch):
+    monkeypatch.setattr(update, "THREADS", threads)
+    monkeypatch.setattr(update, "_pool", None)
+    rng = np.random.default_rng(threads)
+    size = update.PARALLEL_ELEMENTS + 3 * update.CHUNK + 12345
+    group = _group(opt, size, rng)
+    expected = _copy(group)
+    grad = rng.standard_normal(size).astype(np.float32)
+    # ragged pieces with gaps, and a step per piece (Adam's bias correction differs per key)
+    bounds = [(0, 1000), (1500, update.CHUNK + 7), (update.CHUNK + 7, size - 50)]
+    pieces = [(group, lo, hi, grad[lo:hi], step) for step, (lo, hi) in enumerate(bounds)]
+    recording = _Recording(opt)
+    update.apply(recording, pieces)
+    for step, (lo, hi) in enumerate(bounds):
+        opt.apply(expected.params[lo:hi], grad[lo:hi], {k: v[lo:hi] for k, v in expected.state.items()}, step)
+    assert len(recording.threads) >= 2  # the caller and a pool thread (which may run several shares)
+    np.testing.assert_array_equal(group.params, expected.params)
+    for name in opt.slots():
+        np.testing.assert_array_equal(group.state[name], expected.state[name])
+
+
+def test_small_update_stays_on_the_calling_thread(monkeypatch):
+    monkeypatch.setattr(update, "THREADS", 2)
+    rng = np.random.default_rng(0)
+    group = _group(SGD(), update.PARALLEL_ELEMENTS - 1, rng)
+    expected = group.params - 0.01 * np.ones_like(group.params)
+    recording = _Recording(SGD())
+    update.apply(recording, [(group, 0, group.params.size, np.ones_like(group.params), 0)])
+    assert recording.threads == {threading.get_ident()}
+    np.testing.assert_array_equal(group.params, expected)
+
+
+def test_nothing_to_apply_is_a_no_op():
+    update.apply(SGD(), [])
