@@ -14,13 +14,32 @@ All arrays are 1-D slices of a shard's buffer, so one call updates every key
 on the shard in a single vectorised expression. The update a client sends is a
 *gradient*: ``SGD(lr)`` does ``param -= lr * grad``. The original Ray example's
 "push adds the value" server is ``SGD(lr=-1.0)``.
+
+Adam and Adagrad compute their intermediate terms in two scratch arrays that
+each thread keeps between calls: a fresh temporary of a MiB or more is new
+memory from the OS every time (glibc returns it on free), and its page faults
+made Adam over 100 MB take 165-190 ms instead of ~40 (2-core machine).
 """
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+_scratch = threading.local()
+
+
+def _two_scratch(like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two arrays shaped like ``like`` (contents undefined), kept by the calling thread for reuse."""
+    pools = getattr(_scratch, "pools", None)
+    if pools is None:
+        pools = _scratch.pools = {}
+    pool = pools.get(like.dtype)
+    if pool is None or pool[0].size < like.size:
+        pool = pools[like.dtype] = (np.empty(like.size, like.dtype), np.empty(like.size, like.dtype))
+    return tuple(buf[:like.size].reshape(like.shape) for buf in pool)
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -94,13 +113,17 @@ class Adam:
 
     def apply(self, param, grad, state, step) -> None:
         m, v = state["m"], state["v"]
+        a, b = _two_scratch(grad)
         m *= self.beta1
-        m += (1 - self.beta1) * grad
+        m += np.multiply(grad, 1 - self.beta1, out=a)
         v *= self.beta2
-        v += (1 - self.beta2) * np.square(grad)
+        v += np.multiply(np.square(grad, out=a), 1 - self.beta2, out=a)
         t = step + 1
-        lr_t = self.lr * np.sqrt(1 - self.beta2**t) / (1 - self.beta1**t)
-        param -= lr_t * m / (np.sqrt(v) + self.eps)
+        # in the parameters' dtype: a float64 factor would make numpy compute the update in float64 (3x slower)
+        lr_t = (self.lr * np.sqrt(1 - self.beta2**t) / (1 - self.beta1**t)).astype(param.dtype)
+        np.multiply(m, lr_t, out=a)
+        np.add(np.sqrt(v, out=b), self.eps, out=b)
+        param -= np.divide(a, b, out=a)  # lr_t * m / (sqrt(v) + eps)
 
 
 @dataclass(frozen=True)
@@ -119,8 +142,11 @@ class Adagrad:
 
     def apply(self, param, grad, state, step) -> None:
         acc = state["accumulator"]
-        acc += np.square(grad)
-        param -= self.lr * grad / (np.sqrt(acc) + self.eps)
+        a, b = _two_scratch(grad)
+        acc += np.square(grad, out=a)
+        np.multiply(grad, self.lr, out=a)
+        np.add(np.sqrt(acc, out=b), self.eps, out=b)
+        param -= np.divide(a, b, out=a)  # lr * grad / (sqrt(acc) + eps)
 
 
 @dataclass(frozen=True)
