@@ -9,9 +9,9 @@ so the threads run at once; the result is bit-identical to one thread's
 (every element sees the same operations in the same order).
 
 Measured on the 2-core machine, one update in-process, 1 vs 2 threads:
-13 MB add 0.38 -> 0.25 ms, Adam 8.2 -> 4.5 ms; 100 MB add 4.6 -> 2.7 ms,
-Adam 62 -> 33 ms; 4 MB add 0.083 -> 0.104 ms (handing work to a thread
-costs ~20 us: small updates stay on one thread).
+100 MB add 4.7 -> 2.6 ms, Adam 33 -> 19 ms, Adagrad 24 -> 13 ms; 13 MB add
+0.38 -> 0.25 ms; 4 MB add 0.083 -> 0.104 ms (handing work to a thread costs
+~20 us: small updates stay on one thread).
 """
 from __future__ import annotations
 
