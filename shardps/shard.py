@@ -43,7 +43,6 @@ from shardps.wire import ROWS, from_wire, one_array, to_wire
 log = logging.getLogger(__name__)
 
 
-
 def _node_id() -> str | None:
     """The Ray node this shard runs on (None outside Ray)."""
     import ray
