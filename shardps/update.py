@@ -35,10 +35,11 @@ def apply(optimizer, pieces: list[tuple]) -> None:
     """
     calls = [(group, a, min(a + CHUNK, hi), grad[a - lo:min(a + CHUNK, hi) - lo], step)
              for group, lo, hi, grad, step in pieces for a in range(lo, hi, CHUNK)]
-    if THREADS == 1 or sum(b - a for _, a, b, _, _ in calls) < PARALLEL_ELEMENTS:
+    sizes = [b - a for _, a, b, _, _ in calls]
+    if THREADS == 1 or sum(sizes) < PARALLEL_ELEMENTS:
         _run(optimizer, calls)
         return
-    ends = np.cumsum([b - a for _, a, b, _, _ in calls])
+    ends = np.cumsum(sizes)
     cuts = [0, *np.searchsorted(ends, ends[-1] * np.arange(1, THREADS) / THREADS).tolist(), len(calls)]
     shares = [calls[start:stop] for start, stop in zip(cuts, cuts[1:])]
     futures = [_threads().submit(_run, optimizer, share) for share in shares[1:]]
