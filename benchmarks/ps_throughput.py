@@ -23,7 +23,8 @@ import ray
 import shardps
 from shardps.partition import DEFAULT_BLOCK_BYTES
 from benchmarks.baseline import BaselineServer
-from benchmarks.common import add_cluster_args, arrays, connect, median, print_table, time_op, workloads, write_rows
+from benchmarks.common import (add_cluster_args, arrays, connect, local_store_mb, median, print_table, time_op,
+                               warm_calls, workloads, write_rows)
 
 OPTIMIZERS = {  # "add" is the baseline's own semantics (a push adds), so that row compares like with like
     "add": lambda: shardps.SGD(lr=-1.0), "sgd": lambda: shardps.SGD(lr=0.01), "adam": lambda: shardps.Adam(lr=0.001),
@@ -89,8 +90,14 @@ def _row(workload, optimizer, system, shards, clients, op, nbytes, seconds, **ex
             **extra}
 
 
-def _interleaved(ops: dict, rounds: int, seconds: float) -> dict:
-    """Median seconds per call of each op: ops take turns for ``rounds`` rounds (so noise hits all alike)."""
+def _interleaved(ops: dict, rounds: int, seconds: float, warm: dict | None = None) -> dict:
+    """Median seconds per call of each op: ops take turns for ``rounds`` rounds (so noise hits all alike).
+
+    ``warm``: ``{op key: calls}`` made first, unmeasured (see :func:`warm_calls`).
+    """
+    for key, calls in (warm or {}).items():
+        for _ in range(calls):
+            ops[key]()
     per_round: dict = {key: [] for key in ops}
     for r in range(rounds):
         for key, fn in ops.items():
@@ -100,15 +107,18 @@ def _interleaved(ops: dict, rounds: int, seconds: float) -> dict:
 
 
 def _concurrent(targets: dict, shapes, num_clients: int, calls: int, rounds: int, warmup: int,
-                placement: list[dict] | None = None) -> dict:
+                placement: list[dict] | None = None, warm_pushes: int = 0) -> dict:
     """Wall seconds per round, per (target key, op), for ``num_clients`` actors to push (or pull) ``calls``
-    times each. ``warmup`` whole rounds first (object-store pages, first calls); targets take turns.
+    times each. First each client pushes ``warm_pushes`` times (object-store pages, see :func:`warm_calls`),
+    then ``warmup`` whole rounds (first calls); targets take turns, unmeasured.
     ``placement``: Ray resources of client ``i`` (cycled), e.g. one client host each."""
     placement = placement or [{}]
     clients = {key: [ray.remote(_Client).options(num_cpus=0.01, resources=placement[i % len(placement)])
                      .remote(target, shapes, i) for i in range(num_clients)]
                for key, target in targets.items()}
     try:
+        for group in clients.values():
+            ray.get([c.push.remote(warm_pushes) for c in group])
         walls: dict = {(key, op): [] for key in targets for op in ("push", "pull")}
         for r in range(warmup + rounds):
             for (key, op), times in walls.items():
@@ -164,7 +174,9 @@ def measure_workload(name, shapes, args, rows, loads) -> None:
                 meta["unchecked"] = 1
                 ops.update({("shardps-unchecked", 1, op): fn for op, fn in _ops_shardps(ps, values).items()
                             if op in ("push", "pull")})
-            for (system, shards, op), seconds in _interleaved(ops, args.repeats, args.min_seconds).items():
+            warm = {key: warm_calls(local_store_mb(args), nbytes, meta[shards] if system == "shardps" else 1)
+                    for key in ops for system, shards, op in [key] if op in ("push", "send")}
+            for (system, shards, op), seconds in _interleaved(ops, args.repeats, args.min_seconds, warm).items():
                 extra = {"involved": meta[shards]} if system == "shardps" else {}
                 optimizer = {"baseline": "add", "floor": "-"}.get(system, opt_name)
                 moved = 0 if op.startswith("fanout") else nbytes
@@ -173,7 +185,8 @@ def measure_workload(name, shapes, args, rows, loads) -> None:
                 moved = nbytes * args.clients * args.client_pushes
                 for ((system, shards), op), walls in _concurrent(concurrent, shapes, args.clients, args.client_pushes,
                                                                  args.client_rounds, args.client_warmup,
-                                                                 args.client_resources).items():
+                                                                 args.client_resources,
+                                                                 warm_calls(local_store_mb(args), nbytes)).items():
                     rows.append(_row(name, "add" if system == "baseline" else opt_name, system, shards, args.clients,
                                      op, moved, median(walls), min_mb_s=moved / max(walls) / 1e6,
                                      max_mb_s=moved / min(walls) / 1e6, rounds=len(walls)))

@@ -27,8 +27,12 @@ SHARD_CPUS = 0.01  # shards mostly wait on messages; a whole CPU each would star
 _ray_users: int | None = None  # stores running on the Ray that launch() started in this process (None: none)
 
 
-def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+def start_ray(address: str | None = None, *, num_cpus: int | None = None,
+              object_store_bytes: int | None = None) -> bool:
     """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray listening on 127.0.0.1 only.
+
+    ``object_store_bytes``: size of a local Ray's object store (default:
+    Ray's, 30 % of memory). Ignored when joining a cluster.
 
     The CLI also switches on Ray's token authentication for a local run
     (``RAY_AUTH_MODE=token`` and a fresh ``RAY_AUTH_TOKEN``, set before Ray
@@ -48,7 +52,8 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
         num_cpus = num_cpus or os.cpu_count() or 1
         log.info("starting a local Ray with %d CPUs", num_cpus)
         with _loopback_only():
-            ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+                     object_store_memory=object_store_bytes)
     return True
 
 

@@ -25,6 +25,16 @@ def test_ps_throughput_smoke(ray_session, tmp_path):
     assert {row["shards"] for row in loads} == {1, 2}
 
 
+def test_warm_calls_move_the_store_through_every_process():
+    from benchmarks.common import WARM_STORE, warm_calls
+
+    calls = warm_calls(100, 4 * 10**6, processes=2)
+    assert calls * 4 * 10**6 >= WARM_STORE * 100 * 10**6 * 2 > (calls - 1) * 4 * 10**6
+    assert warm_calls(100, 100, processes=2) == 0  # inline payloads never touch the store
+    assert warm_calls(100, 10**6, most=7) == 7
+    assert warm_calls(None, 4 * 10**6) == 0  # a joined cluster: not warmed
+
+
 def test_training_throughput_smoke(ray_session, tmp_path):
     rows = training_throughput.main(["--modes", "sync", "async", "--shards", "1", "--steps", "2",
                                      "--digits-steps", "2", "--model", "mlp", "--rounds", "1", "--out", str(tmp_path)])
@@ -88,7 +98,7 @@ def test_cpu_accounting_smoke(ray_session):
     from benchmarks import cpu_accounting
 
     rows = cpu_accounting.main(["--shards", "1", "--clients", "1", "--calls", "20", "--workload", "model10x100k",
-                                "--ops", "push", "pull"])
+                                "--ops", "push", "pull", "--rounds", "1", "--object-store-mb", "50"])
     assert [(r["system"].split()[0], r["op"]) for r in rows] == \
         [("baseline", "push"), ("shardps", "push"), ("baseline", "pull"), ("shardps", "pull")]
     assert all(r["wall_ms_per_call"] > 0 for r in rows)
