@@ -38,7 +38,7 @@ from shardps.errors import ShardUnavailableError
 from shardps.optim import optimizer_from_config
 from shardps.partition import HashPartitioner, Layout, SegmentState
 from shardps.table import as_ids, initializer_from_config, rows_per_shard, shard_of_ids
-from shardps.wire import ROWS, from_wire, one_array, to_wire
+from shardps.wire import ROWS, from_wire, one_array, split, to_wire
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,11 @@ def _tables_of_shard(entries: list[dict], rows: dict, shard: int, num_shards: in
         spec["max_rows"] = rows_per_shard(entry["max_rows"], num_shards)
         out[name] = {"spec": spec, "rows": {k: (v if k == "counts" else v[mine]) for k, v in all_rows.items()}}
     return out
+
+
+def _gradient(parts: list[np.ndarray]):
+    """One message's gradient for a piece, or the tuple of several (sync mode: ``update`` applies their mean)."""
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def _dense_part(message: dict | None) -> dict:
@@ -401,11 +406,13 @@ class ParameterShard:
         return self.push_mean(tag, *refs)
 
     def _plan_push(self, messages) -> list:
-        """Validate every message and average them: ``[(group, ids, pieces)]``.
+        """Validate every message: ``[(group, ids, pieces)]``.
 
-        ``pieces``: ``(buffer start, buffer stop, gradient, optimizer step)``.
-        A message's data is one array for all its segments, or one array per
-        segment (large pushes: the router then skips its packing copy).
+        ``pieces``: ``(buffer start, buffer stop, gradient, optimizer step)``;
+        with several messages (sync mode) the gradient is the tuple of theirs,
+        averaged while it is applied (see :mod:`shardps.update`). A message's
+        data is one array for all its segments, or one array per segment
+        (large pushes: the router then skips its packing copy).
         """
         plan = []
         for dtype, (ids, _) in (messages[0].items() if messages else ()):
@@ -414,16 +421,14 @@ class ParameterShard:
                 raise ValueError(f"shard {self.shard_id} holds no {dtype} parameters")
             ids = group.check_ids(ids)
             datas = [self._decode(group, ids, msg.get(dtype)) for msg in messages]
-            if len(datas) > 1:  # sync mode: average the workers' gradients
-                flat = [d[0] if len(d) == 1 else np.concatenate(d) for d in datas]
-                datas = [[np.mean(flat, axis=0, dtype=group.dtype)]]
-            data = datas[0]
-            if len(data) == 1:
-                pieces = [(lo, hi, data[0][at:at + hi - lo], int(group.steps[run[0]]))
-                          for run, lo, hi, at in group.runs(ids, by_step=True)]
-            else:
-                pieces = [(int(group.offsets[i]), int(group.offsets[i] + group.sizes[i]), part, int(group.steps[i]))
-                          for i, part in zip(ids, data)]
+            if all(len(data) == 1 for data in datas):  # one array per message: contiguous runs
+                pieces = [(lo, hi, _gradient([data[0][at:at + hi - lo] for data in datas]),
+                           int(group.steps[run[0]])) for run, lo, hi, at in group.runs(ids, by_step=True)]
+            else:  # one array per segment (in some message)
+                sizes = group.sizes[ids].tolist()
+                by_segment = [data if len(data) == len(ids) else split(data[0], group.dtype, sizes) for data in datas]
+                pieces = [(int(group.offsets[i]), int(group.offsets[i] + group.sizes[i]), _gradient(list(parts)),
+                           int(group.steps[i])) for i, *parts in zip(ids, *by_segment)]
             plan.append((group, ids, pieces))
         return plan
 

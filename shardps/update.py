@@ -12,10 +12,18 @@ Measured on the 2-core machine, one update in-process, 1 vs 2 threads:
 100 MB add 4.7 -> 2.6 ms, Adam 33 -> 19 ms, Adagrad 24 -> 13 ms; 13 MB add
 0.38 -> 0.25 ms; 4 MB add 0.083 -> 0.104 ms (handing work to a thread costs
 ~20 us: small updates stay on one thread).
+
+A piece's gradient may be several arrays (sync training: one per worker):
+their mean is formed chunk by chunk in a per-thread scratch array, in cache,
+bit-identical to ``np.mean`` over the stacked arrays. For the CNN's 13 MB
+and 2 workers, averaging and adding took 1.6 ms in-process against 11.9 ms
+for concatenating each message, stacking and ``np.mean`` (fresh memory,
+page faults); 2.6 vs 18.7 ms for 4 workers.
 """
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,15 +33,17 @@ PARALLEL_ELEMENTS = 8 * CHUNK  # smaller updates run on the calling thread alone
 THREADS = min(4, os.cpu_count() or 1)  # memory bandwidth, not cores, bounds an update beyond a few threads
 
 _pool: ThreadPoolExecutor | None = None  # started by the first large update
+_local = threading.local()  # each thread's scratch chunk for averaged gradients
 
 
 def apply(optimizer, pieces: list[tuple]) -> None:
     """Apply ``pieces`` = ``[(group, lo, hi, grad, step)]``: ``grad`` updates
-    ``group.params[lo:hi]`` and the same range of every slot in ``group.state``.
+    ``group.params[lo:hi]`` and the same range of every slot in ``group.state``;
+    a tuple of arrays as ``grad`` applies their mean.
 
     Blocks until every piece is applied. The pieces must not overlap.
     """
-    calls = [(group, a, min(a + CHUNK, hi), grad[a - lo:min(a + CHUNK, hi) - lo], step)
+    calls = [(group, a, min(a + CHUNK, hi), _part(grad, a - lo, min(a + CHUNK, hi) - lo), step)
              for group, lo, hi, grad, step in pieces for a in range(lo, hi, CHUNK)]
     sizes = [b - a for _, a, b, _, _ in calls]
     if THREADS == 1 or sum(sizes) < PARALLEL_ELEMENTS:
@@ -51,7 +61,30 @@ def apply(optimizer, pieces: list[tuple]) -> None:
 def _run(optimizer, calls: list[tuple]) -> None:
     for group, a, b, grad, step in calls:
         state = {name: buf[a:b] for name, buf in group.state.items()}
-        optimizer.apply(group.params[a:b], grad, state, step)
+        optimizer.apply(group.params[a:b], _mean(grad) if type(grad) is tuple else grad, state, step)
+
+
+def _part(grad, start: int, stop: int):
+    """Elements ``start:stop`` of a gradient (an array, or a tuple of arrays to average)."""
+    return tuple(g[start:stop] for g in grad) if type(grad) is tuple else grad[start:stop]
+
+
+def _mean(grads: tuple) -> np.ndarray:
+    """The elementwise mean of equal-sized arrays (>= 2) in this thread's scratch, valid until its next call.
+
+    Summed in order, then divided: the same operations as ``np.mean`` over
+    the arrays stacked on a new first axis.
+    """
+    first = grads[0]
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or scratch.dtype != first.dtype or scratch.size < first.size:
+        scratch = _local.scratch = np.empty(max(CHUNK, first.size), first.dtype)
+    out = scratch[:first.size]
+    np.add(first, grads[1], out=out)
+    for grad in grads[2:]:
+        out += grad
+    out /= len(grads)
+    return out
 
 
 def _threads() -> ThreadPoolExecutor:

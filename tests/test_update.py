@@ -58,6 +58,29 @@ def test_large_update_over_threads_equals_one_call_per_range(opt, threads, monke
         np.testing.assert_array_equal(group.state[name], expected.state[name])
 
 
+@pytest.mark.parametrize("workers", [2, 3, 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_several_gradients_apply_their_mean_as_np_mean_does(workers, threads, monkeypatch):
+    monkeypatch.setattr(update, "THREADS", threads)
+    monkeypatch.setattr(update, "_pool", None)
+    rng = np.random.default_rng(workers)
+    size = update.PARALLEL_ELEMENTS + update.CHUNK + 99
+    opt = Adam(lr=0.01)
+    group = _group(opt, size, rng)
+    expected = _copy(group)
+    grads = [rng.standard_normal(size).astype(np.float32) for _ in range(workers)]
+    sent = [g.copy() for g in grads]
+    bounds = [(0, 1000), (1000, update.CHUNK + 5), (update.CHUNK + 5, size)]
+    update.apply(opt, [(group, lo, hi, tuple(g[lo:hi] for g in grads), step) for step, (lo, hi) in enumerate(bounds)])
+    mean = np.mean(grads, axis=0, dtype=np.float32)  # what the shard computed before averaging per chunk
+    for step, (lo, hi) in enumerate(bounds):
+        opt.apply(expected.params[lo:hi], mean[lo:hi], {k: v[lo:hi] for k, v in expected.state.items()}, step)
+    np.testing.assert_array_equal(group.params, expected.params)
+    for name in opt.slots():
+        np.testing.assert_array_equal(group.state[name], expected.state[name])
+    assert all(np.array_equal(g, h) for g, h in zip(grads, sent))  # the workers' messages are not written to
+
+
 def test_small_update_stays_on_the_calling_thread(monkeypatch):
     monkeypatch.setattr(update, "THREADS", 2)
     rng = np.random.default_rng(0)
