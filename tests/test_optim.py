@@ -48,3 +48,32 @@ def test_adam_with_a_step_per_row_equals_each_row_alone():
     for i, (row, row_state) in enumerate(alone):
         opt.apply(row, grads[i], row_state, int(steps[i, 0]))
         np.testing.assert_allclose(rows[i], row, rtol=1e-12)
+
+
+def _ftrl_as_expressions(opt, param, grad, state):
+    """FTRL written as plain numpy expressions (a temporary per term): what the scratch version must equal."""
+    z, sum_sq = state["z"], state["sum_sq"]
+    n = opt.initial_accumulator + sum_sq
+    g2 = np.square(grad)
+    z += grad - (np.sqrt(n + g2) - np.sqrt(n)) / opt.lr * param
+    sum_sq += g2
+    n += g2
+    denom = (opt.beta + np.sqrt(n)) / opt.lr + 2 * opt.l2
+    param[...] = np.where(np.abs(z) <= opt.l1, 0.0, (np.sign(z) * opt.l1 - z) / denom)
+
+
+@pytest.mark.parametrize("shape", [(1000,), (37, 16)])  # a dense chunk; embedding rows
+def test_ftrl_in_scratch_arrays_equals_the_plain_expressions_bit_for_bit(shape):
+    rng = np.random.default_rng(3)
+    opt = FTRL(lr=0.1, l1=0.05, l2=0.01, beta=0.5)
+    param = rng.standard_normal(shape).astype(np.float32)
+    state = {s: np.zeros(shape, np.float32) for s in opt.slots()}
+    ref_param, ref_state = param.copy(), {k: v.copy() for k, v in state.items()}
+    for step in range(4):
+        grad = rng.standard_normal(shape).astype(np.float32)
+        opt.apply(param, grad, state, step)
+        _ftrl_as_expressions(opt, ref_param, grad, ref_state)
+        np.testing.assert_array_equal(param, ref_param)
+        for name in opt.slots():
+            np.testing.assert_array_equal(state[name], ref_state[name])
+    assert (param == 0).any() and (param != 0).any()  # l1 zeroed some weights and kept others

@@ -100,6 +100,7 @@ _FAULTS = """
 import resource, sys, numpy as np
 from types import SimpleNamespace
 from shardps import Adagrad, Adam, update
+from shardps.optim import FTRL
 
 
 class FreshTemporaries(Adam):
@@ -112,7 +113,7 @@ class FreshTemporaries(Adam):
         param -= np.float32(self.lr) * m / (np.sqrt(v) + self.eps)
 
 
-opt = {"adam": Adam(), "adagrad": Adagrad(), "fresh": FreshTemporaries()}[sys.argv[1]]
+opt = {"adam": Adam(), "adagrad": Adagrad(), "ftrl": FTRL(l1=0.01), "fresh": FreshTemporaries()}[sys.argv[1]]
 update.THREADS = 1
 n = 8 * update.CHUNK
 group = SimpleNamespace(params=np.ones(n, np.float32), state={s: np.zeros(n, np.float32) for s in opt.slots()})
@@ -126,10 +127,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def test_optimizers_reuse_their_scratch_memory():
-    """Five Adam/Adagrad updates of 8 MiB, chunk by chunk: no page faults once warm (fresh
+    """Five Adam/Adagrad/FTRL updates of 8 MiB, chunk by chunk: no page faults once warm (fresh
     temporaries would fault on every chunk where the C library returns freed memory at once)."""
     faults = {name: int(subprocess.run([sys.executable, "-c", _FAULTS, name], capture_output=True, text=True,
-                                       check=True).stdout) for name in ("adam", "adagrad", "fresh")}
-    assert faults["adam"] < 100 and faults["adagrad"] < 100, faults
+                                       check=True).stdout) for name in ("adam", "adagrad", "ftrl", "fresh")}
+    assert faults["adam"] < 100 and faults["adagrad"] < 100 and faults["ftrl"] < 100, faults
     if platform.libc_ver()[0] == "glibc":  # the pathology this guards against, seen on this C library
         assert faults["fresh"] > 1000, faults
