@@ -135,7 +135,8 @@ def run(args) -> list[dict]:
     for dataset, steps in [(d, args.steps if d == "synthetic" else args.digits_steps) for d in args.datasets]:
         runs = _runs(dataset, steps, args)
         results: dict[tuple, list[dict]] = {name: [] for name, _ in runs}
-        started = start_ray(num_cpus=args.num_cpus)
+        started = start_ray(num_cpus=args.num_cpus,
+                            object_store_bytes=args.object_store_mb * 10**6 if args.object_store_mb else None)
         try:
             for round_ in range(args.rounds):
                 for (mode, shards), run_once in runs:
@@ -167,6 +168,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians over them")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    p.add_argument("--object-store-mb", type=int, default=None,
+                   help="object store of the local Ray, MB (default: Ray's, 30 %% of memory); a small one is warm "
+                        "after fewer steps (see benchmarks/README.md, Warm object store)")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     return p.parse_args(argv)
 
