@@ -31,17 +31,21 @@ import numpy as np
 _scratch = threading.local()
 
 
-def _scratch_like(like: np.ndarray, count: int, dtype=None) -> tuple[np.ndarray, ...]:
+def scratch_like(like: np.ndarray, count: int, dtype=None, *, user: str = "optimizer") -> tuple[np.ndarray, ...]:
     """``count`` arrays shaped like ``like`` (of ``dtype``, default its own; contents undefined), kept by the
-    calling thread for reuse."""
+    calling thread for reuse until its next call with the same ``user`` and dtype.
+
+    Each ``user`` has its own arrays, so one may hand its result to another
+    (``update`` passes an averaged gradient to the optimizers).
+    """
     dtype = np.dtype(dtype or like.dtype)
     pools = getattr(_scratch, "pools", None)
     if pools is None:
         pools = _scratch.pools = {}
-    pool = pools.get(dtype, ())
+    pool = pools.get((user, dtype), ())
     if len(pool) < count or pool[0].size < like.size:
         size = max(like.size, pool[0].size if pool else 0)
-        pool = pools[dtype] = tuple(np.empty(size, dtype) for _ in range(max(count, len(pool))))
+        pool = pools[(user, dtype)] = tuple(np.empty(size, dtype) for _ in range(max(count, len(pool))))
     return tuple(buf[:like.size].reshape(like.shape) for buf in pool[:count])
 
 
@@ -116,7 +120,7 @@ class Adam:
 
     def apply(self, param, grad, state, step) -> None:
         m, v = state["m"], state["v"]
-        a, b = _scratch_like(grad, 2)
+        a, b = scratch_like(grad, 2)
         m *= self.beta1
         m += np.multiply(grad, 1 - self.beta1, out=a)
         v *= self.beta2
@@ -145,7 +149,7 @@ class Adagrad:
 
     def apply(self, param, grad, state, step) -> None:
         acc = state["accumulator"]
-        a, b = _scratch_like(grad, 2)
+        a, b = scratch_like(grad, 2)
         acc += np.square(grad, out=a)
         np.multiply(grad, self.lr, out=a)
         np.add(np.sqrt(acc, out=b), self.eps, out=b)
@@ -180,8 +184,8 @@ class FTRL:
     def apply(self, param, grad, state, step) -> None:
         # the formula's operations in its order, each into a scratch array (bit-identical to the plain expressions)
         z, sum_sq = state["z"], state["sum_sq"]
-        a, g2, root = _scratch_like(grad, 3)
-        (zeroed,) = _scratch_like(grad, 1, bool)
+        a, g2, root = scratch_like(grad, 3)
+        (zeroed,) = scratch_like(grad, 1, bool)
         n = np.add(sum_sq, self.initial_accumulator, out=a)
         np.square(grad, out=g2)
         np.sqrt(np.add(n, g2, out=root), out=root)  # sqrt(n'), n' = n + g**2: used twice

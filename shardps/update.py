@@ -23,17 +23,17 @@ page faults); 2.6 vs 18.7 ms for 4 workers.
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from shardps.optim import scratch_like
 
 CHUNK = 256 * 1024  # elements per optimizer call (1 MiB of float32): its temporaries stay in L2 (2 MiB here)
 PARALLEL_ELEMENTS = 8 * CHUNK  # smaller updates run on the calling thread alone
 THREADS = min(4, os.cpu_count() or 1)  # memory bandwidth, not cores, bounds an update beyond a few threads
 
 _pool: ThreadPoolExecutor | None = None  # started by the first large update
-_local = threading.local()  # each thread's scratch chunk for averaged gradients
 
 
 def apply(optimizer, pieces: list[tuple]) -> None:
@@ -75,12 +75,8 @@ def _mean(grads: tuple) -> np.ndarray:
     Summed in order, then divided: the same operations as ``np.mean`` over
     the arrays stacked on a new first axis.
     """
-    first = grads[0]
-    scratch = getattr(_local, "scratch", None)
-    if scratch is None or scratch.dtype != first.dtype or scratch.size < first.size:
-        scratch = _local.scratch = np.empty(max(CHUNK, first.size), first.dtype)
-    out = scratch[:first.size]
-    np.add(first, grads[1], out=out)
+    (out,) = scratch_like(grads[0], 1, user="mean")
+    np.add(grads[0], grads[1], out=out)
     for grad in grads[2:]:
         out += grad
     out /= len(grads)
