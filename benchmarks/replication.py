@@ -4,7 +4,8 @@ A replicated push is applied by the shard, sent on to its replica and
 applied there before it is acknowledged, so expect about one more round trip
 plus one more copy of the message. Pulls are served by the shard alone.
 Both stores are up at once and measured round by round, interleaved, so
-machine noise hits both alike; medians over rounds of medians.
+machine noise hits both alike; medians over rounds of medians. A local Ray's
+object store is warmed first (:func:`benchmarks.common.warm_calls`).
 
     python -m benchmarks.replication --shards 2 --rounds 5
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 import ray
 
 import shardps
-from benchmarks.common import add_cluster_args, arrays, connect, median, print_table, time_op, workloads, write_rows
+from benchmarks.common import (add_cluster_args, arrays, connect, local_store_mb, median, print_table, time_op,
+                               warm_calls, workloads, write_rows)
 
 OPS = ("push", "pull", "push_pull")
 
@@ -43,6 +45,7 @@ def main(argv=None) -> list[dict]:
             try:
                 for ps in stores.values():
                     ps.register(arrays(shapes))
+                    _warm(ps, values, local_store_mb(args))
                 ops = {op: {r: _op(ps, op, values) for r, ps in stores.items()} for op in OPS}
                 times = {(op, r): [] for op in OPS for r in stores}
                 for _ in range(args.rounds):  # interleaved: both configurations see the same noise
@@ -63,6 +66,13 @@ def main(argv=None) -> list[dict]:
     if args.out:
         write_rows(args.out, "replication", rows)
     return rows
+
+
+def _warm(ps, values: dict, store_mb: int | None) -> None:
+    """Push until every process involved (client, shards, replicas) is past its object store's page faults."""
+    involved = len({s for key in values for s, _, _ in ps.placement(key)})
+    for _ in range(warm_calls(store_mb, sum(v.nbytes for v in values.values()), involved)):
+        ps.push(values)
 
 
 def _op(ps, op: str, values: dict):

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import ray
 
 from benchmarks import ps_throughput, training_throughput
@@ -17,6 +18,7 @@ def test_ps_throughput_smoke(ray_session, tmp_path):
     assert all(r["median_s"] > 0 for r in rows)
     many = [r for r in rows if r["clients"] == 2]
     assert {r["op"] for r in many} == {"push", "pull"} and all(r["rounds"] == 2 for r in many)
+    assert {r["system"] for r in many} == {"baseline", "shardps", "shardps-unchecked"}
     assert all(r["min_mb_s"] <= r["mb_s"] <= r["max_mb_s"] for r in many)
     for name in ("ps_throughput.csv", "ps_throughput.json", "shard_load.csv", "ps_targets.json",
                  "ps_throughput.png"):
@@ -33,6 +35,31 @@ def test_warm_calls_move_the_store_through_every_process():
     assert warm_calls(100, 100, processes=2) == 0  # inline payloads never touch the store
     assert warm_calls(100, 10**6, most=7) == 7
     assert warm_calls(None, 4 * 10**6) == 0  # a joined cluster: not warmed
+
+
+def test_check_cost_variants_apply_the_push_and_only_the_fused_in_place_one_is_not_all_or_nothing():
+    from benchmarks import check_cost
+    from shardps.update import CHUNK
+
+    size = 2 * CHUNK + 5
+    rng = np.random.default_rng(1)
+    p0, g = rng.standard_normal(size).astype(np.float32), rng.standard_normal(size).astype(np.float32)
+    bad = g.copy()
+    bad[-1] = np.nan  # in the last chunk: the in-place variant has applied the others by then
+    changed = {}
+    for name, fn in check_cost.variants(size).items():
+        state = {"p": p0.copy(), "q": np.zeros(size, np.float32), "g": g}
+        fn(state)
+        np.testing.assert_array_equal(state["p"], p0 + g, err_msg=name)
+        state = {"p": p0.copy(), "q": np.zeros(size, np.float32), "g": bad}
+        if name == "add":
+            continue
+        with pytest.raises(ValueError):
+            fn(state)
+        changed[name] = not np.array_equal(state["p"], p0)
+    assert changed == {"check, add": False, "fused, second buffer": False, "fused, in place": True}
+    rows = check_cost.main(["--mb", "0.5", "--rounds", "2"])
+    assert {r["variant"] for r in rows} == set(changed) | {"add"} and all(r["ms"] > 0 for r in rows)
 
 
 def test_training_throughput_smoke(ray_session, tmp_path):
