@@ -333,7 +333,7 @@ class ParameterShard:
             return self._version
         # the replica works while this shard does; a message sent as a ref travels to both at once.
         # Should it be malformed, the replica rejects it too and changes nothing.
-        pending = self._mirror_send("push_mean", tag, *messages)
+        pending = self._mirror_send("push_mean", tuple(tag), *messages)
         fetched = _fetched(messages)
         if not fetched:
             raise ValueError("push needs at least one message")  # None messages: a sync worker with nothing here
