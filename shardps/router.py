@@ -48,7 +48,7 @@ from shardps.embedding import EmbeddingTable
 from shardps.optim import Adagrad, optimizer_config
 from shardps.partition import KeySpec, Layout
 from shardps.table import Uniform, as_ids, initializer_config, rows_per_shard, segment_sum, shard_of_ids
-from shardps.wire import INLINE_BYTES, ROWS, all_finite, join, message_bytes, split, to_wire
+from shardps.wire import INLINE_BYTES, ROWS, all_finite, join, message_bytes, rows_from_wire, split, to_wire
 
 _NUMERIC_KINDS = "biuf"
 
@@ -328,7 +328,7 @@ class Router:
             for dt, indexed in groups.items():
                 indexed.sort(key=lambda item: item[0])
                 everything = len(indexed) == len(self._layout.shard_segments[shard][dt])
-                ids = None if everything else np.array([i for i, _ in indexed], np.int64)
+                ids = None if everything else to_wire(np.array([i for i, _ in indexed], np.int64))
                 msg[dt] = (ids, join([p for _, p in indexed]))
             if row_parts[shard]:
                 msg[ROWS] = row_parts[shard]
@@ -343,7 +343,7 @@ class Router:
                 raise TypeError(f"rows[{name!r}] must be an (ids, grads) pair. Received: {type(pair).__name__}")
             unique, summed = self._row_grads(self._table_spec(name), *pair)
             for s, mask in self._by_shard(name, unique).items():
-                parts[s][name] = (unique[mask], summed[mask])
+                parts[s][name] = (to_wire(unique[mask]), to_wire(summed[mask]))
         return parts
 
     def _for_replicated(self, messages: list[dict | None]) -> list:
@@ -446,7 +446,7 @@ class Router:
             for dt, segs in groups.items():
                 segs.sort(key=lambda seg: seg.index)
                 everything = len(segs) == len(self._layout.shard_segments[shard][dt])
-                request[dt] = None if everything else np.array([seg.index for seg in segs], np.int64)
+                request[dt] = None if everything else to_wire(np.array([seg.index for seg in segs], np.int64))
             requests.append(request or None)
         tables = {}  # name -> (spec, unique ids, inverse, {shard: mask})
         for name, ids in (rows or {}).items():
@@ -454,7 +454,7 @@ class Router:
             tables[name] = (self._table_spec(name), wanted_ids, inverse, self._by_shard(name, wanted_ids))
             for s, mask in tables[name][3].items():
                 requests[s] = requests[s] or {}
-                requests[s].setdefault(ROWS, {})[name] = wanted_ids[mask]
+                requests[s].setdefault(ROWS, {})[name] = to_wire(wanted_ids[mask])
 
         def unpack(shards: list[int], replies: list) -> dict[str, np.ndarray]:
             # a key held whole by one shard is a zero-copy view of the reply; split keys are assembled
@@ -623,5 +623,5 @@ def _assemble(spec: dict, wanted: np.ndarray, inverse: np.ndarray, shards: list[
     out = np.empty((len(wanted), spec["dim"]), np.dtype(spec["dtype"]))
     for s, rows in zip(shards, replies):
         if s in masks:
-            out[masks[s]] = rows
+            out[masks[s]] = rows_from_wire(rows, out.dtype, spec["dim"])
     return np.take(out, inverse.reshape(-1), axis=0)

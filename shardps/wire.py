@@ -3,7 +3,9 @@
 Ray ships a numpy argument through pickle with an out-of-band buffer, which is
 zero-copy for large arrays but costs ~0.2 ms of fixed overhead per call; plain
 ``bytes`` go through a faster path. Below Ray's inline-object threshold the
-copy is cheap and the overhead dominates, so small arrays travel as bytes.
+copy is cheap and the overhead dominates, so small arrays travel as bytes:
+dense data, segment ids, and table ids, gradients and rows (a pull of 16
+tables' rows, ~230 ids each: 1.80-1.90 ms as arrays, 1.48-1.49 as bytes).
 """
 from __future__ import annotations
 
@@ -18,8 +20,24 @@ def to_wire(array: np.ndarray):
 
 
 def from_wire(data, dtype: np.dtype) -> np.ndarray:
-    """The 1-D array ``to_wire`` sent (read-only when it came as bytes)."""
+    """The 1-D array ``to_wire`` sent (read-only when it came as bytes).
+
+    Raises ``ValueError`` if bytes do not hold whole elements of ``dtype``.
+    """
     return np.frombuffer(data, dtype) if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+def rows_from_wire(data, dtype: np.dtype, dim: int) -> np.ndarray:
+    """The ``(n, dim)`` rows ``to_wire`` sent (an array came as it was sent, its shape unchanged).
+
+    Raises ``ValueError`` if bytes do not hold whole rows.
+    """
+    return np.frombuffer(data, dtype).reshape(-1, dim) if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+def wire_bytes(data) -> int:
+    """Bytes of data in one wire-form value (bytes or an array)."""
+    return len(data) if isinstance(data, (bytes, bytearray)) else data.nbytes
 
 
 def all_finite(arr: np.ndarray) -> bool:
@@ -42,10 +60,9 @@ ROWS = "rows"  # in a push message, next to the dtype groups: ``{table: (unique 
 def message_bytes(message: dict) -> int:
     """Bytes of data in a push message ``{dtype: (ids, data), ROWS: {table: (ids, grads)}}``
     (data: wire form, or a list of arrays)."""
-    total = sum(ids.nbytes + grads.nbytes for ids, grads in message.get(ROWS, {}).values())
+    total = sum(wire_bytes(ids) + wire_bytes(grads) for ids, grads in message.get(ROWS, {}).values())
     for _, data in (entry for dtype, entry in message.items() if dtype != ROWS):
-        for part in data if isinstance(data, list) else [data]:
-            total += len(part) if isinstance(part, (bytes, bytearray)) else part.nbytes
+        total += sum(map(wire_bytes, data if isinstance(data, list) else [data]))
     return total
 
 

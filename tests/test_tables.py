@@ -173,3 +173,26 @@ def test_dense_keys_and_rows_travel_in_one_message_per_shard(make_ps):
     np.testing.assert_array_equal(got["wide"], [[0, 1]])
     np.testing.assert_array_equal(got["emb"], ps.pull_rows("emb", [1000, 5, 5, 9]))
     assert set(got) == {"w", "emb", "wide"}
+
+
+def test_small_rows_travel_as_bytes_large_as_arrays_and_both_match_the_oracle(make_ps):
+    from shardps.wire import INLINE_BYTES, ROWS
+
+    dim = 32
+    ps = make_ps(2, optimizer=SGD(lr=-1.0))
+    ps.register({"w": np.zeros(4, np.float32), "v": np.zeros(4, np.float32)})
+    ps.register_table("t", dim, initializer=Uniform(-0.1, 0.1), optimizer=Adagrad(lr=0.1), seed=2)
+    oracle = EmbeddingTable("t", dim, initializer=Uniform(-0.1, 0.1), optimizer=Adagrad(lr=0.1), seed=2)
+    rng = np.random.default_rng(4)
+    big = 4 * INLINE_BYTES // (dim * 4)  # rows per push: ~2x the inline limit on each of 2 shards
+    for size in (3, big, 5, big):
+        ids = rng.integers(0, 3 * big, size)
+        grads = rng.standard_normal((size, dim)).astype(np.float32)
+        wire = [m[ROWS]["t"] for m in ps.pack({"w": np.ones(4)}, rows={"t": (ids, grads)}) if m and ROWS in m]
+        assert wire and all(isinstance(grads, bytes) == (size < big) for _, grads in wire)  # ids: bytes either way
+        got = ps.push_pull({"w": np.ones(4)}, ["w"], rows={"t": (ids, grads)}, pull_rows={"t": ids[::-1]})
+        oracle.push(ids, grads)
+        np.testing.assert_array_equal(got["t"], oracle.pull(ids[::-1]))
+    probe = np.arange(3 * big)
+    np.testing.assert_array_equal(ps.pull_rows("t", probe), oracle.pull(probe))
+    np.testing.assert_array_equal(ps.pull(["w"])["w"], np.full(4, 4.0))
