@@ -19,12 +19,15 @@ def to_wire(array: np.ndarray):
     return array.tobytes() if array.nbytes <= INLINE_BYTES else array
 
 
+_BUFFERS = (bytes, bytearray, memoryview)  # what a small array travels as
+
+
 def from_wire(data, dtype: np.dtype) -> np.ndarray:
     """The 1-D array ``to_wire`` sent (read-only when it came as bytes).
 
     Raises ``ValueError`` if bytes do not hold whole elements of ``dtype``.
     """
-    return np.frombuffer(data, dtype) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    return np.frombuffer(data, dtype) if isinstance(data, _BUFFERS) else data
 
 
 def rows_from_wire(data, dtype: np.dtype, dim: int) -> np.ndarray:
@@ -32,7 +35,7 @@ def rows_from_wire(data, dtype: np.dtype, dim: int) -> np.ndarray:
 
     Raises ``ValueError`` if bytes do not hold whole rows.
     """
-    return np.frombuffer(data, dtype).reshape(-1, dim) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    return from_wire(data, dtype).reshape(-1, dim) if isinstance(data, _BUFFERS) else data
 
 
 def wire_bytes(data) -> int:

@@ -4,7 +4,7 @@ import pytest
 
 from shardps import SGD, Adam, ParameterShard
 from shardps.dedup import Tag
-from shardps.wire import from_wire, split
+from shardps.wire import ROWS, from_wire, rows_from_wire, split, to_wire
 
 F32 = np.dtype(np.float32).str
 
@@ -29,10 +29,12 @@ def test_push_all_segments_applies_to_whole_buffer():
     np.testing.assert_array_equal(pulled(shard), data - 1)
 
 
-def test_push_some_segments_touches_only_those():
+@pytest.mark.parametrize("encode", [np.asarray, to_wire], ids=["array", "bytes"])
+def test_push_some_segments_touches_only_those(encode):
     shard, data = shard_with([3, 4, 2])
-    shard.push_mean(None, {F32: (np.array([0, 2]), np.full(5, 2, np.float32))})
-    np.testing.assert_array_equal(pulled(shard, {F32: np.array([0, 1, 2])}), data - np.array([2, 2, 2, 0, 0, 0, 0, 2, 2]))
+    shard.push_mean(None, {F32: (encode(np.array([0, 2], np.int64)), np.full(5, 2, np.float32))})
+    np.testing.assert_array_equal(pulled(shard, {F32: encode(np.array([0, 1, 2], np.int64))}),
+                                  data - np.array([2, 2, 2, 0, 0, 0, 0, 2, 2]))
 
 
 def test_several_messages_are_averaged_into_one_update():
@@ -55,6 +57,7 @@ def test_retried_push_with_same_sequence_number_is_applied_once():
     {F32: (None, np.ones(6, np.float32))},               # wrong length
     {F32: (np.array([1, 0]), np.ones(7, np.float32))},   # ids not increasing
     {F32: (np.array([5]), np.ones(1, np.float32))},      # id out of range
+    {F32: (np.array([0, 1], np.int64).tobytes()[:-3], np.ones(7, np.float32))},  # ids cut mid-element
     {np.dtype(np.float64).str: (None, np.ones(7))},      # dtype the shard does not hold
 ])
 def test_malformed_push_changes_nothing(msg):
@@ -139,3 +142,25 @@ def test_answer_for_many_segments_is_one_array():
     answer = shard.pull((None, None))[1][F32]
     assert isinstance(answer, np.ndarray)
     np.testing.assert_array_equal(np.concatenate(split(answer, np.float32, [5000] * 257)), data)
+
+
+def test_table_rows_as_bytes_apply_like_arrays_and_torn_ones_change_nothing():
+    from shardps.optim import optimizer_config
+    from shardps.table import Zeros, initializer_config
+
+    spec = {"name": "t", "dim": 3, "dtype": F32, "initializer": initializer_config(Zeros()),
+            "optimizer": optimizer_config(SGD(lr=-1.0)), "seed": 0, "min_count": 1, "max_rows": None}
+    ids, grads = np.array([4, 9], np.int64), np.arange(6, dtype=np.float32).reshape(2, 3)
+    answers = []
+    for encode in (np.asarray, to_wire):
+        shard = ParameterShard(0, SGD(lr=-1.0))
+        shard.register_table(spec)
+        shard.push_mean(None, {ROWS: {"t": (encode(ids), encode(grads))}})
+        with pytest.raises(ValueError):  # grads not whole rows
+            shard.push_mean(None, {ROWS: {"t": (encode(ids), grads.tobytes()[:-4])}})
+        answer = shard.pull((None, {ROWS: {"t": encode(np.array([9, 4, 7], np.int64))}}))[1][ROWS]["t"]
+        assert isinstance(answer, bytes)  # a small answer travels as bytes too
+        answers.append(rows_from_wire(answer, np.float32, 3))
+        assert shard.stats()["pushes"] == 1
+    for rows in answers:
+        np.testing.assert_array_equal(rows, [[3, 4, 5], [0, 1, 2], [0, 0, 0]])
