@@ -207,21 +207,25 @@ class RowIndex:
         return ((top * np.uint64(len(self._keys))) >> np.uint64(32)).astype(np.int64)
 
     def _find(self, ids: np.ndarray) -> np.ndarray:
-        """Cell of each id, or -1. Probes all ids at once, ``_WINDOW`` cells of each chain per vectorised round."""
-        cells = np.full(len(ids), -1, np.int64)
-        pos, todo, width = self._home(ids), np.arange(len(ids)), 1  # most ids end at their first cell
+        """Cell of each id, or -1. Probes all ids at once: their home cells first (most ids end there),
+        then ``_WINDOW`` cells of each chain still open per vectorised round."""
+        pos = self._home(ids)
+        slot = self._slots[pos]
+        hit = (slot >= 0) & (self._keys[pos] == ids)
+        cells = np.where(hit, pos, -1)
+        todo = np.flatnonzero(~hit & (slot != _FREE))  # a FREE cell ends the chain: not there
+        pos = (pos[todo] + 1) % len(self._keys)  # aligned with todo from here on
         while todo.size:
-            window = self._window(pos[todo], width)
+            window = self._window(pos, _WINDOW)
             slot = self._slots[window]
             hit = (slot >= 0) & (self._keys[window] == ids[todo, None])
-            first_hit = np.where(hit.any(axis=1), hit.argmax(axis=1), width)
-            free = slot == _FREE  # a FREE cell ends the chain: not there (a hit never lies beyond one)
-            first_free = np.where(free.any(axis=1), free.argmax(axis=1), width)
-            found = first_hit < width
+            first_hit = np.where(hit.any(axis=1), hit.argmax(axis=1), _WINDOW)
+            free = slot == _FREE  # a hit never lies beyond a FREE cell
+            first_free = np.where(free.any(axis=1), free.argmax(axis=1), _WINDOW)
+            found = first_hit < _WINDOW
             cells[todo[found]] = window[found, first_hit[found]]
-            todo = todo[~found & (first_free == width)]
-            pos[todo] = (pos[todo] + width) % len(self._keys)
-            width = _WINDOW
+            going = ~found & (first_free == _WINDOW)
+            todo, pos = todo[going], (pos[going] + _WINDOW) % len(self._keys)
         return cells
 
     def lookup(self, ids) -> np.ndarray:
