@@ -20,16 +20,14 @@ round after round (medians):
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one thread, as in each of the shard's update threads
+import numpy as np
+from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
-import numpy as np  # noqa: E402
-
-from benchmarks.common import median, print_table  # noqa: E402
-from shardps.update import CHUNK  # noqa: E402
-from shardps.wire import all_finite  # noqa: E402
+from benchmarks.common import median, print_table
+from shardps.update import CHUNK
+from shardps.wire import all_finite
 
 
 def variants(size: int) -> dict:
@@ -73,8 +71,19 @@ def main(argv=None) -> list[dict]:
     fns = variants(size)
     states = {name: {"p": np.zeros(size, np.float32), "q": np.zeros(size, np.float32),
                      "g": np.empty(size, np.float32)} for name in fns}
+    with threadpool_limits(1, user_api="blas"):  # one BLAS thread, as in each of the shard's update threads
+        seconds = _timed(fns, states, message, flush, args.rounds)
+    plain = median(seconds["add"])
+    rows = [{"variant": name, "ms": round(1e3 * median(s), 3), "vs_add": round(median(s) / plain, 2)}
+            for name, s in seconds.items()]
+    print_table(rows, ["variant", "ms", "vs_add"])
+    return rows
+
+
+def _timed(fns: dict, states: dict, message: np.ndarray, flush: np.ndarray, rounds: int) -> dict:
+    """Seconds of each variant per round (``{name: [seconds]}``); variants take turns within a round."""
     seconds: dict = {name: [] for name in fns}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, fn in fns.items():
             state = states[name]
             flush.sum()                      # parameters (and everything else) out of cache
@@ -82,11 +91,7 @@ def main(argv=None) -> list[dict]:
             t0 = time.perf_counter()
             fn(state)
             seconds[name].append(time.perf_counter() - t0)
-    plain = median(seconds["add"])
-    rows = [{"variant": name, "ms": round(1e3 * median(s), 3), "vs_add": round(median(s) / plain, 2)}
-            for name, s in seconds.items()]
-    print_table(rows, ["variant", "ms", "vs_add"])
-    return rows
+    return seconds
 
 
 if __name__ == "__main__":
