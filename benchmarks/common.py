@@ -131,6 +131,11 @@ def warm_calls(store_mb: int | None, nbytes: int, processes: int = 1, most: int 
     return min(most, math.ceil(WARM_STORE * store_mb * 10**6 * processes / nbytes))
 
 
+def shards_involved(ps, keys) -> list[int]:
+    """The shards of Router ``ps`` that hold some part of ``keys``, ascending."""
+    return sorted({s for key in keys for s, _, _ in ps.placement(key)})
+
+
 def local_store_mb(args) -> int | None:
     """``--object-store-mb`` when this benchmark started its own Ray, else None."""
     return None if getattr(args, "address", None) else args.object_store_mb

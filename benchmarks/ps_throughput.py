@@ -23,8 +23,8 @@ import ray
 import shardps
 from shardps.partition import DEFAULT_BLOCK_BYTES
 from benchmarks.baseline import BaselineServer
-from benchmarks.common import (add_cluster_args, arrays, connect, local_store_mb, median, print_table, time_op,
-                               warm_calls, workloads, write_rows)
+from benchmarks.common import (add_cluster_args, arrays, connect, local_store_mb, median, print_table,
+                               shards_involved, time_op, warm_calls, workloads, write_rows)
 
 OPTIMIZERS = {  # "add" is the baseline's own semantics (a push adds), so that row compares like with like
     "add": lambda: shardps.SGD(lr=-1.0), "sgd": lambda: shardps.SGD(lr=0.01), "adam": lambda: shardps.Adam(lr=0.001),
@@ -158,7 +158,7 @@ def measure_workload(name, shapes, args, rows, loads) -> None:
                                                         shard_resources=args.server_resources))
                 ps.register(values)
                 stores[num_shards] = ps
-                involved = [ps.shards[s] for s in sorted({s for k in values for s, _, _ in ps.placement(k)})]
+                involved = [ps.shards[s] for s in shards_involved(ps, values)]
                 meta[num_shards] = len(involved)
                 ops[("floor", len(involved), "fanout")] = lambda inv=involved: ray.get([a.ping.remote() for a in inv])
                 # the same calls carrying one small argument and answering one: Ray's cost of any payload

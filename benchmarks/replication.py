@@ -17,8 +17,8 @@ from pathlib import Path
 import ray
 
 import shardps
-from benchmarks.common import (add_cluster_args, arrays, connect, local_store_mb, median, print_table, time_op,
-                               warm_calls, workloads, write_rows)
+from benchmarks.common import (add_cluster_args, arrays, connect, local_store_mb, median, print_table,
+                               shards_involved, time_op, warm_calls, workloads, write_rows)
 
 OPS = ("push", "pull", "push_pull")
 
@@ -70,7 +70,7 @@ def main(argv=None) -> list[dict]:
 
 def _warm(ps, values: dict, store_mb: int | None) -> None:
     """Push until every process involved (client, shards, replicas) is past its object store's page faults."""
-    involved = len({s for key in values for s, _, _ in ps.placement(key)})
+    involved = len(shards_involved(ps, values))
     for _ in range(warm_calls(store_mb, sum(v.nbytes for v in values.values()), involved)):
         ps.push(values)
 

@@ -35,7 +35,7 @@ def rows_from_wire(data, dtype: np.dtype, dim: int) -> np.ndarray:
 
     Raises ``ValueError`` if bytes do not hold whole rows.
     """
-    return from_wire(data, dtype).reshape(-1, dim) if isinstance(data, _BUFFERS) else data
+    return np.frombuffer(data, dtype).reshape(-1, dim) if isinstance(data, _BUFFERS) else data
 
 
 def wire_bytes(data) -> int:
