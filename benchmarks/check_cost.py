@@ -6,7 +6,7 @@ parameters that are out of cache, with push-adds, four ways, taking turns
 round after round (medians):
 
 - ``add``: ``p += g``, an unchecked push;
-- ``check, add``: :func:`shardps.wire.all_finite` over ``g``, then ``p += g``
+- ``check, add``: :func:`shardps.store.wire.all_finite` over ``g``, then ``p += g``
   (what a checked push does today, on the client);
 - ``fused, second buffer``: ``q = p + g`` chunk by chunk, each chunk of
   ``q`` checked while in cache, then ``p`` and ``q`` swap: all-or-nothing,
@@ -26,8 +26,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
 from benchmarks.common import median, print_table
-from shardps.update import CHUNK
-from shardps.wire import all_finite
+from shardps.store.update import CHUNK
+from shardps.store.wire import all_finite
 
 
 def variants(size: int) -> dict:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from shardps.wire import INLINE_BYTES
+from shardps.store.wire import INLINE_BYTES
 
 MNIST_CNN = {
     "conv1/kernel": (5, 5, 1, 32), "conv1/bias": (32,), "conv2/kernel": (5, 5, 32, 64), "conv2/bias": (64,),
@@ -69,7 +69,7 @@ def connect(args) -> bool:
     """Join ``args.address`` or start a local Ray of ``args.num_cpus``; True if this call did (shut it down after)."""
     import ray
 
-    from shardps.cluster import start_ray
+    from shardps.store.cluster import start_ray
 
     if ray.is_initialized():
         return False

@@ -20,7 +20,7 @@ import shardps
 from benchmarks.baseline import BaselineServer
 from benchmarks.common import arrays, median, print_table, warm_calls, workloads
 from benchmarks.ps_throughput import _Client
-from shardps.cluster import start_ray
+from shardps.store.cluster import start_ray
 
 _TICK = os.sysconf("SC_CLK_TCK")
 

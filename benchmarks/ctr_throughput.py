@@ -26,9 +26,9 @@ from benchmarks.common import median, print_table, write_rows
 
 def _one_process(data, config, steps: int) -> dict:
     """The reference loop: ``config.num_workers`` batches per step, like one sync step, in this process."""
-    from shardps.data import Batches
-    from shardps.models.widedeep import WideDeepModel
-    from shardps.optim import Adagrad, Adam
+    from shardps.training.data import Batches
+    from shardps.training.models.widedeep import WideDeepModel
+    from shardps.store.optim import Adagrad, Adam
 
     model = WideDeepModel(*data.input_shape, embedding_dim=config.embedding_dim, seed=config.seed)
     vocab = int(data.x_train["ids"].max()) + 1
@@ -64,7 +64,7 @@ def _one_process(data, config, steps: int) -> dict:
 def _bytes_per_example(data, config, model_tables: dict, dense_floats: int) -> dict:
     """Bytes a worker moves per example (pull + push, dense and the batch's unique rows + their ids),
     against pulling and pushing every row of every table."""
-    from shardps.data import Batches
+    from shardps.training.data import Batches
 
     batches = Batches(data.x_train, data.y_train, config.batch_size, seed=1)
     fields = data.input_shape[0]
@@ -92,11 +92,11 @@ def main(argv=None) -> list[dict]:
 
     import ray
 
-    from shardps import ctr
-    from shardps.cluster import start_ray
-    from shardps.config import TrainConfig
-    from shardps.data import load
-    from shardps.trainers import train
+    from shardps.training import ctr
+    from shardps.store.cluster import start_ray
+    from shardps.training.config import TrainConfig
+    from shardps.training.data import load
+    from shardps.training.run import train
 
     generate = ctr.generate
     ctr.generate = functools.partial(generate, num_train=args.num_train)
@@ -119,7 +119,7 @@ def main(argv=None) -> list[dict]:
                 ray.shutdown()
     finally:
         ctr.generate = generate
-    from shardps.models.widedeep import WideDeepModel
+    from shardps.training.models.widedeep import WideDeepModel
 
     model = WideDeepModel(*data.input_shape, embedding_dim=base.embedding_dim)
     moved = _bytes_per_example(data, base, model.tables, sum(v.size for v in model.get_weights().values()))

@@ -16,11 +16,11 @@ import ray
 from benchmarks.baseline import BaselineServer
 from benchmarks.common import arrays, median, print_table, time_op, workloads
 from benchmarks.ps_throughput import OPTIMIZERS
-from shardps.cluster import start_ray
-from shardps.partition import HashPartitioner, Layout
-from shardps.router import Router
-from shardps.shard import ParameterShard
-from shardps.wire import all_finite
+from shardps.store.cluster import start_ray
+from shardps.store.placement import HashPartitioner, Layout
+from shardps.store.router import Router
+from shardps.store.shard.actor import ParameterShard
+from shardps.store.wire import all_finite
 
 
 class _TimedShard(ParameterShard):

@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 
 import shardps
-from shardps.partition import DEFAULT_BLOCK_BYTES
+from shardps.store.placement import DEFAULT_BLOCK_BYTES
 from benchmarks.baseline import BaselineServer
 from benchmarks.common import (add_cluster_args, arrays, connect, local_store_mb, median, print_table,
                                shards_involved, time_op, warm_calls, workloads, write_rows)

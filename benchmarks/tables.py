@@ -36,7 +36,7 @@ import numpy as np
 import ray
 
 import shardps
-from shardps.table import segment_sum
+from shardps.store.ids import segment_sum
 from benchmarks.common import add_cluster_args, connect, median, print_table, write_rows
 
 OPS = ("pull_rows", "push_rows", "push_pull_rows")
@@ -183,9 +183,9 @@ def _load(vocab, dim, dist, shards, ps) -> dict:
 _MEMORY_PROBE = """
 import json, os, sys
 import numpy as np
-from shardps.embedding import EmbeddingTable
-from shardps.optim import Adagrad
-from shardps.table import Uniform
+from shardps.store.shard.rows import EmbeddingTable
+from shardps.store.optim import Adagrad
+from shardps.store.initializers import Uniform
 rows, dim = int(sys.argv[1]), int(sys.argv[2])
 def resident():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -25,8 +25,8 @@ from benchmarks.common import median, print_table, write_rows
 
 def _single_process(dataset, model_name: str, steps: int, batch_size: int, lr: float, seed: int) -> dict:
     """The reference: one process, no parameter server, no Ray."""
-    from shardps.data import Batches, load
-    from shardps.models import build_model
+    from shardps.training.data import Batches, load
+    from shardps.training.models import build_model
 
     data = load(dataset, seed=seed)
     model = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
@@ -51,8 +51,8 @@ def _single_process(dataset, model_name: str, steps: int, batch_size: int, lr: f
 _KERAS_FIT = """
 import json, sys, time
 import keras
-from shardps.data import load
-from shardps.models.keras_model import layer_stack
+from shardps.training.data import load
+from shardps.training.models.keras_model import layer_stack
 dataset, model_name, samples, batch_size, lr, seed = sys.argv[1:]
 data = load(dataset, seed=int(seed))
 keras.utils.set_random_seed(int(seed))
@@ -88,8 +88,8 @@ def _keras_fit(dataset, model_name: str, steps: int, batch_size: int, lr: float,
 
 def _shardps(mode: str, shards: int, dataset: str, steps: int, args) -> dict:
     """One training run; its samples/s, time to 95 % test accuracy and where a worker step's time went."""
-    from shardps.config import TrainConfig
-    from shardps.trainers import train
+    from shardps.training.config import TrainConfig
+    from shardps.training.run import train
 
     # evaluations run on the driver, beside the workers: only where time to accuracy is measured
     eval_every = 10 if dataset == "digits" else steps
@@ -129,7 +129,7 @@ def run(args) -> list[dict]:
     """Per dataset, ``args.rounds`` rounds; in each, every reference and configuration runs once, in turn."""
     import ray
 
-    from shardps.cluster import start_ray
+    from shardps.store.cluster import start_ray
 
     rows = []
     for dataset, steps in [(d, args.steps if d == "synthetic" else args.digits_steps) for d in args.datasets]:

@@ -1,23 +1,25 @@
 """shardps: a sharded parameter server on Ray.
 
-Importing shardps starts nothing and imports neither Ray nor TensorFlow:
-Ray starts in :func:`launch`, TensorFlow loads with the training API.
+Two packages: :mod:`shardps.store` is the parameter server (shards, router,
+tables, checkpoints) and never imports :mod:`shardps.training`, the trainers
+and models built on it. Importing shardps starts nothing and imports neither
+Ray nor TensorFlow: Ray starts in :func:`launch`, TensorFlow loads with the
+training API.
 """
 import importlib
 
 __all__ = [
-    "launch", "restore", "Router", "Handle", "HashPartitioner", "ParameterShard",
-    "SGD", "Momentum", "Adam", "Adagrad", "FTRL", "Zeros", "Uniform", "Normal", "ShardUnavailableError",
+    "launch", "restore", "Router", "Table", "Handle", "ShardUnavailableError",
+    "SGD", "Momentum", "Adam", "Adagrad", "FTRL", "Zeros", "Uniform", "Normal",
     "train", "TrainConfig", "History",
 ]
 
 _HOME = {
-    "launch": "shardps.cluster", "restore": "shardps.cluster", "Router": "shardps.router",
-    "Handle": "shardps.handle", "HashPartitioner": "shardps.partition", "ParameterShard": "shardps.shard",
-    "SGD": "shardps.optim", "Momentum": "shardps.optim", "Adam": "shardps.optim", "Adagrad": "shardps.optim", "FTRL": "shardps.optim",
-    "Zeros": "shardps.table", "Uniform": "shardps.table", "Normal": "shardps.table",
-    "ShardUnavailableError": "shardps.errors", "train": "shardps.trainers", "TrainConfig": "shardps.config",
-    "History": "shardps.trainers",
+    "launch": "shardps.store.cluster", "restore": "shardps.store.cluster", "Router": "shardps.store.router",
+    "Table": "shardps.store.tables", "Handle": "shardps.store.handle", "ShardUnavailableError": "shardps.store.errors",
+    **dict.fromkeys(("SGD", "Momentum", "Adam", "Adagrad", "FTRL"), "shardps.store.optim"),
+    **dict.fromkeys(("Zeros", "Uniform", "Normal"), "shardps.store.initializers"),
+    "train": "shardps.training.run", "TrainConfig": "shardps.training.config", "History": "shardps.training.history",
 }
 
 

@@ -15,10 +15,10 @@ import signal
 import sys
 import threading
 
-from shardps.config import MODES, TrainConfig
-from shardps.data import DATASETS
-from shardps.models import MODELS
-from shardps.optim import OPTIMIZERS
+from shardps.training.config import MODES, TrainConfig
+from shardps.training.data import DATASETS
+from shardps.training.models import MODELS
+from shardps.store.optim import OPTIMIZERS
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
@@ -111,7 +111,7 @@ class _Reporter:
 
 def _run_train(args, parser) -> int:
     config = _config_from(args, parser)
-    from shardps.trainers import train  # imports TensorFlow: only after the flags are good
+    from shardps.training.run import train  # imports TensorFlow: only after the flags are good
 
     reporter = _Reporter(enabled=True)
     try:  # Ray's init installs its own SIGTERM handler: put ours back once the run is up
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    # TensorFlow's own switch for its C++ logging (and its start-up lines, see shardps.models); -v keeps them
+    # TensorFlow's own switch for its C++ logging (and its start-up lines, see shardps.training.models); -v keeps them
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.verbose else "3")
     if "ray" not in sys.modules:
         _protect_local_ray(args)

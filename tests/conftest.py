@@ -13,7 +13,7 @@ import pytest
 import ray
 
 import shardps
-from shardps.cluster import _loopback_only
+from shardps.store.cluster import _loopback_only
 
 
 _SLOW_MODULES = {"test_multinode", "test_security"}  # every test there runs Ray in a subprocess

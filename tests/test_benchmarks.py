@@ -39,7 +39,7 @@ def test_warm_calls_move_the_store_through_every_process():
 
 def test_check_cost_variants_apply_the_push_and_only_the_fused_in_place_one_is_not_all_or_nothing():
     from benchmarks import check_cost
-    from shardps.update import CHUNK
+    from shardps.store.update import CHUNK
 
     size = 2 * CHUNK + 5
     rng = np.random.default_rng(1)

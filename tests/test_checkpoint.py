@@ -8,7 +8,9 @@ import pytest
 import ray
 
 import shardps
-from shardps import Adam, checkpoint
+from shardps import Adam
+from shardps.store import checkpoint
+from shardps.store.shard.actor import ParameterShard
 from tests.conftest import kill_and_wait
 
 SHAPES = {"w": (300, 70), "b": (70,), "emb": (2000, 16)}
@@ -234,7 +236,7 @@ def test_restarted_shard_rebuilds_exactly_its_own_part(make_ps, tmp_path):
     try:
         for store in (ps, restored):
             for i, shard in enumerate(store.shards):
-                fresh = shardps.ParameterShard(i, Adam(lr=0.01))
+                fresh = ParameterShard(i, Adam(lr=0.01))
                 fresh._recover(str(tmp_path), num_shards=2, block_bytes=4096)  # what __init__ does after a crash
                 (want, _, _), (got, _, _) = ray.get(shard.export.remote()), fresh.export()
                 assert set(got) == set(want)

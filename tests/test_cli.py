@@ -26,7 +26,7 @@ from tests.procs import descendants
     ["train", "--model", "widedeep", "--table-optimizer", "momentum"],
 ])
 def test_bad_flags_exit_2_before_ray_starts(monkeypatch, capsys, argv):
-    monkeypatch.setattr("shardps.cluster.start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr("shardps.store.cluster.start_ray", lambda *a, **k: pytest.fail("Ray started"))
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2

@@ -7,13 +7,13 @@ import signal
 import numpy as np
 import pytest
 
-from shardps import ctr
-from shardps.config import TrainConfig
-from shardps.data import Batches, load, worker_split
-from shardps.embedding import EmbeddingTable
-from shardps.optim import SGD
-from shardps.table import Uniform, Zeros
-from shardps.trainers import train
+from shardps.training import ctr
+from shardps.training.config import TrainConfig
+from shardps.training.data import Batches, load, worker_split
+from shardps.store.shard.rows import EmbeddingTable
+from shardps.store.optim import SGD
+from shardps.store.initializers import Uniform, Zeros
+from shardps.training.run import train
 
 
 def test_ctr_data_is_deterministic_with_fields_apart_and_an_informative_teacher():
@@ -52,7 +52,7 @@ def test_sync_step_with_tables_equals_the_same_steps_in_one_process(ray_session,
     config = TrainConfig(model="widedeep", mode="sync", num_shards=3, num_workers=2, steps=3, batch_size=32,
                          optimizer="sgd", lr=0.1, table_optimizer="sgd", table_lr=0.5, embedding_dim=4, seed=5,
                          eval_every=100)  # SGD on rows too: Adagrad would not notice a wrong scale
-    from shardps.models.widedeep import WideDeepModel
+    from shardps.training.models.widedeep import WideDeepModel
 
     probe = np.arange(8 * 40)
     store, seen = {}, {}

@@ -4,7 +4,7 @@ import gzip
 import numpy as np
 import pytest
 
-from shardps import data
+from shardps.training import data
 
 
 def write_idx(path, array, compress):

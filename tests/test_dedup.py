@@ -4,9 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardps import SGD, ParameterShard
-from shardps.dedup import MAX_CLIENTS, AppliedRecord, Tag
-from shardps.wire import from_wire
+from shardps import SGD
+from shardps.store.shard.actor import ParameterShard
+from shardps.store.dedup import MAX_CLIENTS, AppliedRecord, Tag
+from shardps.store.wire import from_wire
 
 F32 = np.dtype(np.float32).str
 

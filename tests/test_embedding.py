@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from shardps import SGD, Adagrad, Adam, Momentum
-from shardps.embedding import EmbeddingTable
-from shardps.optim import FTRL
-from shardps.table import Normal, Uniform, Zeros
+from shardps.store.shard.rows import EmbeddingTable
+from shardps.store.optim import FTRL
+from shardps.store.initializers import Normal, Uniform, Zeros
 
 
 class RowOracle:

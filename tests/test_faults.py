@@ -14,8 +14,8 @@ import signal
 import numpy as np
 import pytest
 
-from shardps.config import TrainConfig
-from shardps.trainers import train
+from shardps.training.config import TrainConfig
+from shardps.training.run import train
 from tests.procs import named
 
 

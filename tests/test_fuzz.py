@@ -133,7 +133,7 @@ TABLE_DIM = 3
 @pytest.fixture(scope="module")
 def table_store(ray_session):
     """A 2-shard table and the same table in process (the oracle), fed the same accepted pushes."""
-    from shardps.embedding import EmbeddingTable
+    from shardps.store.shard.rows import EmbeddingTable
 
     ps = shardps.launch(2, optimizer=shardps.SGD(lr=-1.0))
     ps.register_table("t", TABLE_DIM, initializer=shardps.Uniform(-1, 1), optimizer=shardps.Adagrad(lr=0.1))

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from shardps import SGD, Adagrad, Adam, Momentum
-from shardps.optim import FTRL
-from shardps.optim import optimizer_config, optimizer_from_config
+from shardps.store.optim import FTRL
+from shardps.store.optim import optimizer_config, optimizer_from_config
 from tests.oracle import DictServer
 
 ALL = [SGD(lr=0.1), Momentum(lr=0.1, momentum=0.9), Adam(lr=0.01), Adagrad(lr=0.1),

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from shardps.partition import HashPartitioner, Layout
+from shardps.store.placement import HashPartitioner, Layout
 from tests.conftest import MNIST_CNN_SHAPES
 
 
@@ -50,7 +50,7 @@ def test_shard_buffers_are_dense_in_registration_order():
 
 _PLACEMENT_SCRIPT = """
 import json, numpy as np
-from shardps.partition import HashPartitioner, Layout
+from shardps.store.placement import HashPartitioner, Layout
 layout = Layout(HashPartitioner(5, block_bytes=2048))
 for i in range(50):
     layout.add(f"layer{i}/kernel", (i + 1, 300), np.float32)

@@ -13,7 +13,7 @@ import ray
 
 import shardps
 from shardps import SGD, Adam, ShardUnavailableError
-from shardps.cluster import pair_bundles
+from shardps.store.cluster import pair_bundles
 
 SHAPES = {"big": (300, 250), "a": (7,), "b": (3, 5)}  # "big" (300 KB): split, > 100 KB per shard: sent as a ref
 

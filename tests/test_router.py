@@ -268,7 +268,7 @@ def test_large_pushes_sent_as_parts_match_oracle(make_ps, num_shards, opt):
 
 
 def test_message_bytes_counts_dense_data_and_table_rows():
-    from shardps.wire import ROWS, message_bytes
+    from shardps.store.wire import ROWS, message_bytes
 
     ids, grads = np.arange(5, dtype=np.int64), np.ones((5, 4), np.float32)
     message = {"<f4": (None, np.ones(300, np.float32)), ROWS: {"a": (ids, grads), "b": (ids, grads)}}
@@ -277,7 +277,7 @@ def test_message_bytes_counts_dense_data_and_table_rows():
 
 
 def test_split_undoes_join():
-    from shardps.wire import join, split
+    from shardps.store.wire import join, split
 
     for sizes in ([3], [3, 4], [200_000, 5, 300_000], [5] * 300, [40_000] * 3):
         parts = [np.full(n, i, np.float32) for i, n in enumerate(sizes)]

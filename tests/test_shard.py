@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 
-from shardps import SGD, Adam, ParameterShard
-from shardps.dedup import Tag
-from shardps.wire import ROWS, from_wire, rows_from_wire, split, to_wire
+from shardps import SGD, Adam
+from shardps.store.shard.actor import ParameterShard
+from shardps.store.dedup import Tag
+from shardps.store.wire import ROWS, from_wire, rows_from_wire, split, to_wire
 
 F32 = np.dtype(np.float32).str
 
@@ -145,8 +146,8 @@ def test_answer_for_many_segments_is_one_array():
 
 
 def test_table_rows_as_bytes_apply_like_arrays_and_torn_ones_change_nothing():
-    from shardps.optim import optimizer_config
-    from shardps.table import Zeros, initializer_config
+    from shardps.store.optim import optimizer_config
+    from shardps.store.initializers import Zeros, initializer_config
 
     spec = {"name": "t", "dim": 3, "dtype": F32, "initializer": initializer_config(Zeros()),
             "optimizer": optimizer_config(SGD(lr=-1.0)), "seed": 0, "min_count": 1, "max_rows": None}

@@ -4,7 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardps.table import Normal, RowIndex, Uniform, Zeros, as_ids, segment_sum, shard_of_ids
+from shardps.store.initializers import Normal, Uniform, Zeros
+from shardps.store.shard.index import RowIndex
+from shardps.store.ids import as_ids, segment_sum
+from shardps.store.placement import shard_of_ids
 
 ID = st.integers(-(2**63), 2**63 - 1)
 

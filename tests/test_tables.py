@@ -5,9 +5,9 @@ import ray
 
 import shardps
 from shardps import SGD, Adagrad, Adam
-from shardps.embedding import EmbeddingTable
-from shardps.optim import FTRL
-from shardps.table import Normal, Uniform, Zeros
+from shardps.store.shard.rows import EmbeddingTable
+from shardps.store.optim import FTRL
+from shardps.store.initializers import Normal, Uniform, Zeros
 from tests.conftest import kill_and_wait
 
 DIM = 4
@@ -108,7 +108,7 @@ def test_restarted_shard_reloads_its_rows_from_the_checkpoint(make_ps, tmp_path)
     ps.push_rows("t", ids, np.ones((100, 2), np.float32))  # lost on shard 0 when it dies
     kill_and_wait(ps.shards[0])
     rows = ps.pull_rows("t", ids)[:, 0]
-    on_0 = shardps.table.shard_of_ids(ids, "t", 2) == 0
+    on_0 = shardps.store.placement.shard_of_ids(ids, "t", 2) == 0
     assert (rows[on_0] == 1).all() and (rows[~on_0] == 2).all()
 
 
@@ -176,7 +176,7 @@ def test_dense_keys_and_rows_travel_in_one_message_per_shard(make_ps):
 
 
 def test_small_rows_travel_as_bytes_large_as_arrays_and_both_match_the_oracle(make_ps):
-    from shardps.wire import INLINE_BYTES, ROWS
+    from shardps.store.wire import INLINE_BYTES, ROWS
 
     dim = 32
     ps = make_ps(2, optimizer=SGD(lr=-1.0))

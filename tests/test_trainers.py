@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import ray
 
-from shardps.config import TrainConfig
-from shardps.data import Batches, load_digits, worker_split
-from shardps.models import build_model
-from shardps.trainers import train
+from shardps.training.config import TrainConfig
+from shardps.training.data import Batches, load_digits, worker_split
+from shardps.training.models import build_model
+from shardps.training.run import train
 
 
 @pytest.mark.parametrize("num_shards", [2, 4])
@@ -67,7 +67,7 @@ def test_resume_continues_from_checkpoint_with_another_shard_count(ray_session, 
 
 def test_phase_timings_skip_a_worker_that_died_after_its_last_step(ray_session):
     """A worker killed once its run() returned must not fail the run when its timings are collected."""
-    from shardps.trainers.crew import Crew
+    from shardps.training.crew import Crew
 
     @ray.remote(num_cpus=0)
     class Finished:

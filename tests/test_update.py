@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from shardps import SGD, Adagrad, Adam, Momentum, update
-from shardps.optim import FTRL
+from shardps import SGD, Adagrad, Adam, Momentum
+from shardps.store import update
+from shardps.store.optim import FTRL
 
 ALL = [SGD(lr=-1.0), SGD(lr=0.1), Momentum(lr=0.1, momentum=0.9), Adam(lr=0.01), Adagrad(lr=0.1),
        FTRL(lr=0.1, l1=0.05, l2=0.01, beta=0.5)]
@@ -99,8 +100,9 @@ def test_nothing_to_apply_is_a_no_op():
 _FAULTS = """
 import resource, sys, numpy as np
 from types import SimpleNamespace
-from shardps import Adagrad, Adam, update
-from shardps.optim import FTRL
+from shardps import Adagrad, Adam
+from shardps.store import update
+from shardps.store.optim import FTRL
 
 
 class FreshTemporaries(Adam):

@@ -35,8 +35,8 @@ def store(cluster, servers, checkpoint_dir: str) -> dict:
 
 
 def train(cluster, servers, checkpoint_dir: str, mode: str, replicas: int) -> dict:
-    from shardps.config import TrainConfig
-    from shardps.trainers import train
+    from shardps.training.config import TrainConfig
+    from shardps.training.run import train
 
     steps = 100
     saves = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": 10} if replicas == 1 else {}

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import numpy as np
 import xxhash
 
+from shardps.store.ids import as_ids, mix64, name_salt
+
 DEFAULT_BLOCK_BYTES = 64 * 1024  # small enough to balance a 13 MB model over 8 shards
 _SEED = 0x5EED  # fixed: placement must be identical in every process and run
 
@@ -117,7 +119,7 @@ class Layout:
     keys: dict[str, KeySpec] = field(default_factory=dict)
     # shard -> dtype name -> segments in buffer order
     shard_segments: list[dict[str, list[Segment]]] = field(default_factory=list)
-    # embedding tables: name -> spec (rows are placed by a hash of their id: see shardps.table)
+    # embedding tables: name -> spec (rows are placed by a hash of their id: see shard_of_ids below)
     tables: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -168,3 +170,14 @@ class Layout:
             sum(seg.size * np.dtype(dt).itemsize for dt, segs in groups.items() for seg in segs)
             for groups in self.shard_segments
         ]
+
+
+# ---- table rows: placed by a hash of their id ---------------------------------
+def shard_of_ids(ids: np.ndarray, name: str, num_shards: int) -> np.ndarray:
+    """The shard of each id of table ``name``: ``mix64(id ^ salt) % num_shards`` (int64 array)."""
+    return (mix64(as_ids(ids).view(np.uint64) ^ name_salt(name)) % np.uint64(num_shards)).astype(np.int64)
+
+
+def rows_per_shard(max_rows: int | None, num_shards: int) -> int | None:
+    """Each shard's share of a table's ``max_rows``: ceil(max_rows / num_shards) (None: no limit)."""
+    return None if max_rows is None else -(-max_rows // num_shards)

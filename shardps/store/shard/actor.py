@@ -16,7 +16,7 @@ Messages (built by the router):
 - pull:     ``{dtype: segment_ids or None}``, answered with ``{dtype: data}``;
             plus ``{ROWS: {table: ids}}``, answered with ``{ROWS: {table: rows}}``.
 
-Arrays, ids included, travel as :mod:`shardps.wire` encodes them (bytes when small). Per-call
+Arrays, ids included, travel as :mod:`shardps.store.wire` encodes them (bytes when small). Per-call
 metadata is one positional tuple: Ray charges ~0.15 ms for keyword arguments.
 
 Recovery after Ray restarts a crashed shard (its ``__init__`` runs again,
@@ -31,14 +31,16 @@ from collections import Counter
 
 import numpy as np
 
-from shardps import checkpoint, update
-from shardps.dedup import AppliedRecord, Tag
-from shardps.embedding import EmbeddingTable
-from shardps.errors import ShardUnavailableError
-from shardps.optim import optimizer_from_config
-from shardps.partition import HashPartitioner, Layout, SegmentState
-from shardps.table import as_ids, initializer_from_config, rows_per_shard, shard_of_ids
-from shardps.wire import ROWS, from_wire, one_array, rows_from_wire, split, to_wire
+from shardps.store import checkpoint, update
+from shardps.store.dedup import AppliedRecord, Tag
+from shardps.store.shard.rows import EmbeddingTable
+from shardps.store.errors import ShardUnavailableError
+from shardps.store.optim import optimizer_from_config
+from shardps.store.placement import HashPartitioner, Layout, SegmentState
+from shardps.store.ids import as_ids
+from shardps.store.initializers import initializer_from_config
+from shardps.store.placement import rows_per_shard, shard_of_ids
+from shardps.store.wire import ROWS, from_wire, one_array, rows_from_wire, split, to_wire
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,7 @@ class ParameterShard:
 
     Args:
         shard_id: this shard's index (for stats and errors).
-        optimizer: an optimizer from :mod:`shardps.optim`.
+        optimizer: an optimizer from :mod:`shardps.store.optim`.
         recovery: ``{"checkpoint_dir", "num_shards", "block_bytes"}``. When
             Ray restarts this actor after a crash (re-running ``__init__``),
             the shard copies the state of its replica if it has one, else
@@ -313,9 +315,9 @@ class ParameterShard:
     def push_mean(self, tag: tuple | None, *messages: dict) -> int:
         """Apply the mean of one or more pushes (sync mode sends W) as one update.
 
-        ``tag``: a :class:`~shardps.dedup.Tag` (or the same fields as a
+        ``tag``: a :class:`~shardps.store.dedup.Tag` (or the same fields as a
         tuple, or None). A push whose (client, seq) was applied before is a
-        re-send and is skipped (exactly once, see :mod:`shardps.dedup`).
+        re-send and is skipped (exactly once, see :mod:`shardps.store.dedup`).
         A message may also come as an ObjectRef to one (a large push to a
         replicated shard): the ref goes on to the replica unopened, so both
         fetch the data at once.
@@ -412,7 +414,7 @@ class ParameterShard:
 
         ``pieces``: ``(buffer start, buffer stop, gradient, optimizer step)``;
         with several messages (sync mode) the gradient is the tuple of theirs,
-        averaged while it is applied (see :mod:`shardps.update`). A message's
+        averaged while it is applied (see :mod:`shardps.store.update`). A message's
         data is one array for all its segments, or one array per segment
         (large pushes: the router then skips its packing copy).
         """
@@ -520,7 +522,7 @@ class ParameterShard:
         ``tables``: ``{name: {"spec": what register_table got, "rows": EmbeddingTable.export()}}``.
 
         The format of :meth:`Layout.state_message`. ``meta`` is ``{"version",
-        "applied"}`` (the :class:`~shardps.dedup.AppliedRecord` as JSON), so
+        "applied"}`` (the :class:`~shardps.store.dedup.AppliedRecord` as JSON), so
         a restarted shard keeps skipping pushes it had already applied.
         """
         self._check_alive()
@@ -569,7 +571,7 @@ class ParameterShard:
         import ray
         from ray.exceptions import RayError
 
-        from shardps.handle import wait_alive
+        from shardps.store.handle import wait_alive
 
         try:
             if pending is not None and ray.get(pending):

@@ -50,9 +50,9 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, se
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; expected one of {MODELS}")
     if name == "widedeep":
-        from shardps.models.widedeep import WideDeepModel
+        from shardps.training.models.widedeep import WideDeepModel
 
         return WideDeepModel(*input_shape, embedding_dim=embedding_dim, seed=seed)
-    from shardps.models.keras_model import KerasModel
+    from shardps.training.models.keras_model import KerasModel
 
     return KerasModel(name, input_shape, num_classes, seed=seed)

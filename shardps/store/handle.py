@@ -3,7 +3,7 @@
 Re-sending a call to a shard that Ray restarted is Ray's job: shards are
 created with ``max_task_retries``, so Ray sends the call again as soon as the
 shard is back, whether or not anybody waits on it (at least once); the
-shard's record of applied pushes makes that exactly once (:mod:`shardps.dedup`).
+shard's record of applied pushes makes that exactly once (:mod:`shardps.store.dedup`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from shardps.errors import ShardUnavailableError
+from shardps.store.errors import ShardUnavailableError
 
 
 class Handle:

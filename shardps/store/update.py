@@ -1,6 +1,6 @@
 """How a shard applies an update: cache-sized optimizer calls, over several threads when large.
 
-Every optimizer in :mod:`shardps.optim` is elementwise, so an update can be
+Every optimizer in :mod:`shardps.store.optim` is elementwise, so an update can be
 cut anywhere. It is applied in chunks of :data:`CHUNK` elements (the
 update's temporaries stay in L2), and an update of at least
 :data:`PARALLEL_ELEMENTS` elements is dealt out to :data:`THREADS` threads
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from shardps.optim import scratch_like
+from shardps.store.optim import scratch_like
 
 CHUNK = 256 * 1024  # elements per optimizer call (1 MiB of float32): its temporaries stay in L2 (2 MiB here)
 PARALLEL_ELEMENTS = 8 * CHUNK  # smaller updates run on the calling thread alone

@@ -1,7 +1,7 @@
 """Datasets: MNIST from local files, scikit-learn's digits (offline default), synthetic, ctr.
 
 Images are float32 NHWC in [0, 1]; labels are int64 class ids. ``ctr``
-(see :mod:`shardps.ctr`) holds click examples as a structured array
+(see :mod:`shardps.training.ctr`) holds click examples as a structured array
 (``ids``, ``dense``) with float32 0/1 labels.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def load(name: str = "auto", *, data_dir: str | None = None, download: bool = Fa
     if name == "synthetic":
         return synthetic(seed=seed)
     if name == "ctr":
-        from shardps import ctr
+        from shardps.training import ctr
 
         *arrays, reference = ctr.generate(seed=seed)
         return Dataset("ctr", *arrays, 2, reference)

@@ -8,18 +8,18 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
-from shardps import checkpoint
-from shardps.cluster import launch, launch_from
-from shardps.config import TrainConfig
-from shardps.data import Dataset, load
-from shardps.models import build_model
-from shardps.optim import OPTIMIZERS
-from shardps.table import Uniform, Zeros
-from shardps.trainers.history import EvalPoint, History, staleness_summary
-from shardps.trainers.board import Board, shard_scalars
-from shardps.trainers.async_ import run_async
-from shardps.trainers.crew import Crew
-from shardps.trainers.sync import run_sync
+from shardps.store import checkpoint
+from shardps.store.cluster import launch, launch_from
+from shardps.training.config import TrainConfig
+from shardps.training.data import Dataset, load
+from shardps.training.models import build_model
+from shardps.store.optim import OPTIMIZERS
+from shardps.store.initializers import Uniform, Zeros
+from shardps.training.history import EvalPoint, History, staleness_summary
+from shardps.training.board import Board, shard_scalars
+from shardps.training.async_ import run_async
+from shardps.training.crew import Crew
+from shardps.training.sync import run_sync
 
 __all__ = ["train", "TrainConfig", "History", "EvalPoint"]
 log = logging.getLogger(__name__)

@@ -8,10 +8,10 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shardps.cluster import SHARD_CPUS
-from shardps.data import Dataset, worker_split
-from shardps.trainers.clock import StepClock
-from shardps.trainers.worker import Worker
+from shardps.store.cluster import SHARD_CPUS
+from shardps.training.data import Dataset, worker_split
+from shardps.training.clock import StepClock
+from shardps.training.worker import Worker
 
 log = logging.getLogger(__name__)
 

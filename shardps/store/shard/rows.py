@@ -5,7 +5,7 @@ Router, shard messages, checkpoints and replicas do not use it yet.
 
 Rows live in arrays that grow by doubling (parameters, one array per
 optimizer slot, and per row its update count and the logical time of its
-last update); :class:`~shardps.table.RowIndex` maps ids to rows. A batch
+last update); :class:`~shardps.store.shard.index.RowIndex` maps ids to rows. A batch
 costs a few vectorised passes: look the ids up, create the admitted new
 rows from their deterministic initial values, gather, apply the optimizer to
 the gathered rows, scatter back.
@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from shardps.table import RowIndex, as_ids, mix64, name_salt, segment_sum
-from shardps.wire import all_finite
+from shardps.store.shard.index import RowIndex
+from shardps.store.ids import as_ids, mix64, name_salt, segment_sum
+from shardps.store.wire import all_finite
 
 _COUNTER_SALT = 0xC0FFEE  # admission counters hash ids apart from placement and the row index
 
@@ -35,8 +36,8 @@ class EmbeddingTable:
 
     Args:
         name, dim, dtype: the table.
-        initializer: :class:`~shardps.table.Zeros`, ``Uniform`` or ``Normal``.
-        optimizer: a :mod:`shardps.optim` rule (``SGD``, ``Adagrad``, ``Adam`` -- lazy, one step count
+        initializer: :class:`~shardps.store.initializers.Zeros`, ``Uniform`` or ``Normal``.
+        optimizer: a :mod:`shardps.store.optim` rule (``SGD``, ``Adagrad``, ``Adam`` -- lazy, one step count
             per row -- or ``FTRL``); ``Momentum`` is refused (its decay would need every row every step).
         seed: the initializer's seed.
         min_count: pushes an id must appear in before it gets a row (1: at once).

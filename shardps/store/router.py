@@ -6,13 +6,13 @@ into one message, sends to all involved shards at once and gathers.
 
 Cost of one operation on a tensor split over S shards:
 - push: one validation pass (cast + finiteness), one packing copy per shard
-  only when its part is several small keys (see :func:`shardps.wire.join`),
+  only when its part is several small keys (see :func:`shardps.store.wire.join`),
   one copy into Ray's object store per message; S remote calls in flight
   together; the shard reads the message zero-copy and updates its buffer in
   place.
 - pull: S remote calls in flight together; the shard answers with views of
   its buffer, one per key (packed into one array when they are small or
-  many: :func:`shardps.wire.join`), which Ray copies once into the object
+  many: :func:`shardps.store.wire.join`), which Ray copies once into the object
   store; the client reads the answers zero-copy: a key held whole by one
   shard is returned as a read-only view, a split key is assembled with one
   copy into a fresh array.
@@ -25,7 +25,7 @@ shards, with its own client id for exactly-once pushes. Only the Router that
 A Router is safe to share between threads: a push takes its sequence number
 and is sent under one lock, so each shard receives one client's pushes in
 order, and the shards' record of applied pushes is exact in any order anyway
-(:mod:`shardps.dedup`).
+(:mod:`shardps.store.dedup`).
 """
 from __future__ import annotations
 
@@ -40,15 +40,17 @@ from typing import Any, Callable
 import numpy as np
 import ray
 
-from shardps import checkpoint
-from shardps.dedup import Tag
-from shardps.errors import ShardUnavailableError
-from shardps.handle import Handle
-from shardps.embedding import EmbeddingTable
-from shardps.optim import Adagrad, optimizer_config
-from shardps.partition import KeySpec, Layout
-from shardps.table import Uniform, as_ids, initializer_config, rows_per_shard, segment_sum, shard_of_ids
-from shardps.wire import INLINE_BYTES, ROWS, all_finite, join, message_bytes, rows_from_wire, split, to_wire
+from shardps.store import checkpoint
+from shardps.store.dedup import Tag
+from shardps.store.errors import ShardUnavailableError
+from shardps.store.handle import Handle
+from shardps.store.shard.rows import EmbeddingTable
+from shardps.store.optim import Adagrad, optimizer_config
+from shardps.store.placement import KeySpec, Layout
+from shardps.store.initializers import Uniform, initializer_config
+from shardps.store.ids import as_ids, segment_sum
+from shardps.store.placement import rows_per_shard, shard_of_ids
+from shardps.store.wire import INLINE_BYTES, ROWS, all_finite, join, message_bytes, rows_from_wire, split, to_wire
 
 _NUMERIC_KINDS = "biuf"
 
@@ -224,7 +226,7 @@ class Router:
         self.call_each(lambda shard, message: shard.load_state.remote(message), messages)
 
     def save(self, path, *, step: int = 0, keep: int = 2):
-        """Checkpoint parameters and optimizer state under folder ``path``; see :mod:`shardps.checkpoint`.
+        """Checkpoint parameters and optimizer state under folder ``path``; see :mod:`shardps.store.checkpoint`.
 
         Blocks until written; returns the checkpoint's folder. Pushes that
         complete while the shards are being read may or may not be included.
@@ -260,7 +262,7 @@ class Router:
                    floor: int | None = None, base_version: int | None = None):
         """Number a push and send ``call(shard, tag)`` to ``shards``, all under the lock; a Handle or its result.
 
-        ``tag``: a :class:`~shardps.dedup.Tag`'s fields as a tuple. ``client``/``seq``/``floor``:
+        ``tag``: a :class:`~shardps.store.dedup.Tag`'s fields as a tuple. ``client``/``seq``/``floor``:
         another numbering than this Router's own (sync steps).
         """
         self._check_open()
@@ -519,7 +521,7 @@ class Router:
         self._layout.tables[name] = {**spec, "max_rows": max_rows}
 
     def load_table(self, name: str, rows: dict) -> None:
-        """Replace every row of table ``name`` with ``rows`` (a checkpoint's; see :mod:`shardps.checkpoint`).
+        """Replace every row of table ``name`` with ``rows`` (a checkpoint's; see :mod:`shardps.store.checkpoint`).
 
         Each row goes to the shard its id hashes to; admission counters go to
         every shard. Blocks. Raises ``KeyError``/``ValueError`` from the shards.

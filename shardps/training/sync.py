@@ -6,8 +6,8 @@ import logging
 
 from ray.exceptions import RayActorError, RayTaskError
 
-from shardps.errors import ShardUnavailableError
-from shardps.handle import gather, wait_alive
+from shardps.store.errors import ShardUnavailableError
+from shardps.store.handle import gather, wait_alive
 
 log = logging.getLogger(__name__)
 

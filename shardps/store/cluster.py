@@ -13,13 +13,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 import numpy as np
 
-from shardps import checkpoint
-from shardps.config import replication_restarts
-from shardps.optim import SGD, optimizer_from_config
-from shardps.partition import DEFAULT_BLOCK_BYTES, HashPartitioner, Layout
-from shardps.router import Router
-from shardps.shard import ParameterShard
-from shardps.table import initializer_from_config
+from shardps.store import checkpoint
+from shardps.training.config import replication_restarts
+from shardps.store.optim import SGD, optimizer_from_config
+from shardps.store.placement import DEFAULT_BLOCK_BYTES, HashPartitioner, Layout
+from shardps.store.router import Router
+from shardps.store.shard.actor import ParameterShard
+from shardps.store.initializers import initializer_from_config
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def restore(path: str | os.PathLike, num_shards: int | None = None, address: str
 
 
 def launch_from(saved: checkpoint.Checkpoint, *, num_shards: int | None = None, **launch_kwargs):
-    """:func:`restore` from what :func:`shardps.checkpoint.read` returned. The new store keeps the checkpoint's id."""
+    """:func:`restore` from what :func:`shardps.store.checkpoint.read` returned. The new store keeps the checkpoint's id."""
     manifest = saved.manifest
     launch_kwargs.setdefault("block_bytes", manifest["block_bytes"])
     launch_kwargs.setdefault("store_id", manifest.get("store"))

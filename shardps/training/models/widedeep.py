@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from shardps.ctr import auc, logloss, sigmoid
-from shardps.models.keras_model import keras, layers, limit_tf_threads, tf
+from shardps.training.ctr import auc, logloss, sigmoid
+from shardps.training.models.keras_model import keras, layers, limit_tf_threads, tf
 
 
 class WideDeepModel:
-    """Same protocol as :class:`~shardps.models.keras_model.KerasModel`, plus tables.
+    """Same protocol as :class:`~shardps.training.models.keras_model.KerasModel`, plus tables.
 
     ``set_weights`` takes the dense keys and, under each table's name, the
     rows of the ids :meth:`rows_needed` asked for; ``compute_gradients``

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 import numpy as np
 import ray
 
-from shardps.data import Batches
-from shardps.models import build_model
+from shardps.training.data import Batches
+from shardps.training.models import build_model
 
 
 class Worker:

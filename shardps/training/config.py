@@ -5,10 +5,10 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
-from shardps.data import DATASETS
-from shardps.models import MODELS
-from shardps.optim import OPTIMIZERS
-from shardps.partition import DEFAULT_BLOCK_BYTES
+from shardps.training.data import DATASETS
+from shardps.training.models import MODELS
+from shardps.store.optim import OPTIMIZERS
+from shardps.store.placement import DEFAULT_BLOCK_BYTES
 
 MODES = ("sync", "async", "ssp")
 MODEL_DEFAULTS = {  # batch_size, lr and optimizer when not given
@@ -33,7 +33,7 @@ class TrainConfig:
     epochs: float | None = None  # passes over each worker's part of the data
     batch_size: int | None = None  # None: the model's default (MODEL_DEFAULTS)
     lr: float | None = None  # per-worker rate (None: the model's); sync scales it by num_workers
-    optimizer: str | None = None  # server-side rule for dense keys, see shardps.optim (None: the model's)
+    optimizer: str | None = None  # server-side rule for dense keys, see shardps.store.optim (None: the model's)
     model: str = "cnn"  # the classic MNIST CNN
     dataset: str = "auto"  # MNIST if found locally, else digits; ctr for widedeep
     data_dir: str | None = None  # where to look for MNIST first

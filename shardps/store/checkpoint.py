@@ -34,9 +34,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from shardps.dedup import AppliedRecord
-from shardps.optim import optimizer_config, optimizer_from_config
-from shardps.table import initializer_from_config
+from shardps.store.dedup import AppliedRecord
+from shardps.store.optim import optimizer_config, optimizer_from_config
+from shardps.store.initializers import initializer_from_config
 
 FORMAT, VERSION = "shardps-checkpoint", 2  # 2: store id, exact applied-push records (1 is still read)
 _LATEST = "LATEST"
