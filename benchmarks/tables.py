@@ -114,8 +114,8 @@ class NumpyTable:
 
 def _ops(system, ids, grads) -> dict:
     if isinstance(system, shardps.Router):
-        return {"pull_rows": lambda: system.pull_rows("t", ids), "push_rows": lambda: system.push_rows("t", ids, grads),
-                "push_pull_rows": lambda: system.push_pull_rows("t", ids, grads, ids)}
+        return {"pull_rows": lambda: system.table("t").pull(ids), "push_rows": lambda: system.table("t").push(ids, grads),
+                "push_pull_rows": lambda: system.table("t").push_pull(ids, grads, ids)}
     if isinstance(system, NumpyTable):
         return {"pull_rows": lambda: system.pull(ids), "push_rows": lambda: system.push(ids, grads),
                 "push_pull_rows": lambda: system.push_pull(ids, grads, ids)}

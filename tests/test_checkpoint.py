@@ -237,7 +237,7 @@ def test_restarted_shard_rebuilds_exactly_its_own_part(make_ps, tmp_path):
         for store in (ps, restored):
             for i, shard in enumerate(store.shards):
                 fresh = ParameterShard(i, Adam(lr=0.01))
-                fresh._recover(str(tmp_path), num_shards=2, block_bytes=4096)  # what __init__ does after a crash
+                fresh._recover({"checkpoint_dir": str(tmp_path), "num_shards": 2, "block_bytes": 4096})  # as after a crash
                 (want, _, _), (got, _, _) = ray.get(shard.export.remote()), fresh.export()
                 assert set(got) == set(want)
                 for dtype, (keys, sizes, params, state, steps) in want.items():

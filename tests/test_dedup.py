@@ -5,23 +5,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardps import SGD
-from shardps.store.shard.actor import ParameterShard
 from shardps.store.dedup import MAX_CLIENTS, AppliedRecord, Tag
+from shardps.store.messages import pack_push, register_messages
+from shardps.store.placement import HashPartitioner, Layout
+from shardps.store.shard.actor import ParameterShard
 from shardps.store.wire import from_wire
 
 F32 = np.dtype(np.float32).str
 
 
+def shard_of_w(size: int):
+    """A one-shard store holding key ``w`` of ``size`` zeros (push adds), and the router's push of ones to it."""
+    layout = Layout(HashPartitioner(1))
+    shard = ParameterShard(0, SGD(lr=-1.0))
+    shard.register(register_messages(layout, {"w": np.zeros(size, np.float32)})[0])
+    return shard, pack_push(layout, {"w": np.ones(size, np.float32)}, {})[0]
+
+
 def test_resent_push_overtaken_by_a_later_one_is_still_applied():
     """The lost-push defect: seq 1 arrives, then the re-send of seq 0 (lost to a restart) must apply."""
-    shard = ParameterShard(0, SGD(lr=-1.0))
-    shard.register({F32: (["w"], [3], np.zeros(3, np.float32))})
-    ones = {F32: (None, np.ones(3, np.float32))}
+    shard, ones = shard_of_w(3)
     shard.push_mean(Tag("c", 1, 0), ones)
     shard.push_mean(Tag("c", 0, 0), ones)  # the re-send
     shard.push_mean(Tag("c", 0, 0), ones)  # and a duplicate of it
     shard.push_mean(Tag("c", 1, 2), ones)  # a duplicate below the floor
-    np.testing.assert_array_equal(from_wire(shard.pull((None, None))[1][F32], np.float32), [2, 2, 2])
+    np.testing.assert_array_equal(from_wire(shard.pull((None, None))[1][0][F32], np.float32), [2, 2, 2])
 
 
 @settings(max_examples=200, deadline=None)
@@ -74,10 +82,9 @@ def test_record_round_trips_through_json_and_rejects_garbage():
 
 def test_a_shard_keeps_a_bounded_number_of_client_records():
     """2000 Router copies pushing once each used to leave 2000 entries in every shard (and checkpoint)."""
-    shard = ParameterShard(0, SGD(lr=-1.0))
-    shard.register({F32: (["w"], [1], np.zeros(1, np.float32))})
+    shard, ones = shard_of_w(1)
     for client in range(2000):
-        shard.push_mean(Tag(f"copy-{client}", 0, 0), {F32: (None, np.ones(1, np.float32))})
+        shard.push_mean(Tag(f"copy-{client}", 0, 0), ones)
     _, meta, _ = shard.export()
     assert len(meta["applied"]) == MAX_CLIENTS < 2000
     assert shard.stats()["pushes"] == 2000

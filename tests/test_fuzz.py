@@ -170,16 +170,16 @@ def test_push_rows_accepts_exactly_the_valid_pushes_and_matches_the_oracle(table
     ps, oracle = table_store
     rows = len(ids) if isinstance(ids, np.ndarray) and ids.ndim == 1 else 2
     grads = np.full((rows, TABLE_DIM), fill, np.float64) if fitting else other  # half the time the right shape
-    before = ps.pull_rows("t", PROBE)
+    before = ps.table("t").pull(PROBE)
     try:
         with np.errstate(all="ignore"):
-            ps.push_rows("t", ids, grads)
+            ps.table("t").push(ids, grads)
     except DOCUMENTED:
         assert not _valid_rows(ids, grads)
-        np.testing.assert_array_equal(ps.pull_rows("t", PROBE), before)
+        np.testing.assert_array_equal(ps.table("t").pull(PROBE), before)
         return
     assert _valid_rows(ids, grads)
     oracle.push(ids, grads.astype(np.float32))
-    np.testing.assert_array_equal(ps.pull_rows("t", PROBE), oracle.pull(PROBE))
+    np.testing.assert_array_equal(ps.table("t").pull(PROBE), oracle.pull(PROBE))
     if len(ids):
-        np.testing.assert_array_equal(ps.pull_rows("t", ids), oracle.pull(ids))
+        np.testing.assert_array_equal(ps.table("t").pull(ids), oracle.pull(ids))

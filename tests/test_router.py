@@ -257,7 +257,7 @@ def test_large_pushes_sent_as_parts_match_oracle(make_ps, num_shards, opt):
     rng = np.random.default_rng(3)
     init = {k: rng.standard_normal(s).astype(np.float32) for k, s in LARGE.items()}
     ps.register(init)
-    assert any(isinstance(m[dt][1], list) for m in ps.pack(init) if m for dt in m)  # the path under test
+    assert any(isinstance(data, list) for m in ps.pack(init) if m for _, data in m[0].values())  # the path under test
     oracle = DictServer(opt, init)
     for keys in (list(LARGE), ["a", "b"], list(LARGE)):
         grads = {k: rng.standard_normal(LARGE[k]).astype(np.float32) for k in keys}
@@ -268,12 +268,13 @@ def test_large_pushes_sent_as_parts_match_oracle(make_ps, num_shards, opt):
 
 
 def test_message_bytes_counts_dense_data_and_table_rows():
-    from shardps.store.wire import ROWS, message_bytes
+    from shardps.store.messages import message_bytes
 
     ids, grads = np.arange(5, dtype=np.int64), np.ones((5, 4), np.float32)
-    message = {"<f4": (None, np.ones(300, np.float32)), ROWS: {"a": (ids, grads), "b": (ids, grads)}}
+    message = ({"<f4": (None, np.ones(300, np.float32))}, {"a": (ids, grads), "b": (ids, grads)})
     assert message_bytes(message) == 1200 + 2 * (40 + 80)
-    assert message_bytes({ROWS: {"a": (ids, grads)}}) == 120
+    assert message_bytes(({}, {"a": (ids, grads)})) == 120
+    assert message_bytes(None) == 0
 
 
 def test_split_undoes_join():

@@ -30,13 +30,13 @@ def test_sharded_table_equals_one_in_process_table(make_ps, num_shards, opt):
     probe = np.arange(-40, 70) * 10**9
     for i, (ids, grads) in enumerate(_batches()):
         if i % 2:
-            got = ps.push_pull_rows("user", ids, grads, probe[::-1])
+            got = ps.table("user").push_pull(ids, grads, probe[::-1])
             oracle.push(ids, grads)
             np.testing.assert_array_equal(got, oracle.pull(probe[::-1]))
         else:
-            ps.push_rows("user", ids, grads)
+            ps.table("user").push(ids, grads)
             oracle.push(ids, grads)
-    np.testing.assert_array_equal(ps.pull_rows("user", probe), oracle.pull(probe))
+    np.testing.assert_array_equal(ps.table("user").pull(probe), oracle.pull(probe))
     info = ps.tables()["user"]
     assert info["rows"] == len(oracle) == sum(info["rows_per_shard"])
     assert info["dim"] == DIM and info["bytes"] > 0
@@ -48,9 +48,9 @@ def test_rows_spread_and_initial_values_do_not_depend_on_the_shard_count(make_ps
     for num_shards in (1, 3):
         ps = make_ps(num_shards)
         ps.register_table("item", DIM, initializer=Normal(0.1), seed=1)
-        pulled.append(ps.pull_rows("item", ids))
+        pulled.append(ps.table("item").pull(ids))
         assert ps.tables()["item"]["rows"] == 0  # a pull creates nothing
-        ps.push_rows("item", ids, np.zeros((len(ids), DIM), np.float32))
+        ps.table("item").push(ids, np.zeros((len(ids), DIM), np.float32))
         per_shard = ps.tables()["item"]["rows_per_shard"]
         assert sum(per_shard) == 3000 and max(per_shard) <= 1.1 * 3000 / num_shards
     np.testing.assert_array_equal(pulled[0], pulled[1])
@@ -63,19 +63,19 @@ def test_tables_restore_into_any_shard_count_bit_identically(make_ps, tmp_path, 
     ps.register_table("user", DIM, initializer=Uniform(), optimizer=Adam(lr=0.01), seed=2)
     ps.register_table("wide", 1, initializer=Zeros(), optimizer=FTRL(lr=0.1), max_rows=500)
     for ids, grads in _batches(1):
-        ps.push_rows("user", ids, grads)
-        ps.push_rows("wide", ids, grads[:, :1])
+        ps.table("user").push(ids, grads)
+        ps.table("wide").push(ids, grads[:, :1])
     ps.save(tmp_path)
     restored = shardps.restore(tmp_path, num_shards=restore_shards)
     try:
         probe = np.arange(-40, 70) * 10**9
         for name in ("user", "wide"):
-            np.testing.assert_array_equal(restored.pull_rows(name, probe), ps.pull_rows(name, probe))
+            np.testing.assert_array_equal(restored.table(name).pull(probe), ps.table(name).pull(probe))
             assert restored.tables()[name]["rows"] == ps.tables()[name]["rows"]
         ids, grads = next(_batches(7))  # and the optimizer state came along: one more push agrees
         for store in (ps, restored):
-            store.push_rows("user", ids, grads)
-        np.testing.assert_array_equal(restored.pull_rows("user", probe), ps.pull_rows("user", probe))
+            store.table("user").push(ids, grads)
+        np.testing.assert_array_equal(restored.table("user").pull(probe), ps.table("user").pull(probe))
         np.testing.assert_array_equal(restored.pull(["w"])["w"], np.ones(5, np.float32))
     finally:
         restored.shutdown()
@@ -90,12 +90,12 @@ def test_replicated_table_loses_no_acknowledged_row_push(make_ps):
     for i in range(30):
         if i in (10, 20):
             kill_and_wait(ps.shards[0] if i == 10 else ps.replicas[1])
-        pending.append(ps.push_rows("t", ids, ones, wait=False))
+        pending.append(ps.table("t").push(ids, ones, wait=False))
         while len(pending) > 2:
             pending.pop(0).wait(timeout=120)
     for handle in pending:
         handle.wait(timeout=120)
-    np.testing.assert_array_equal(ps.pull_rows("t", ids), np.full((200, 2), 30, np.float32))
+    np.testing.assert_array_equal(ps.table("t").pull(ids), np.full((200, 2), 30, np.float32))
     assert ps.stats()[0]["restored_from"] == "replica"
 
 
@@ -103,38 +103,38 @@ def test_restarted_shard_reloads_its_rows_from_the_checkpoint(make_ps, tmp_path)
     ps = make_ps(2, checkpoint_dir=tmp_path, max_restarts=1)
     ps.register_table("t", 2, initializer=Zeros(), optimizer=SGD(lr=-1.0))
     ids = np.arange(100)
-    ps.push_rows("t", ids, np.ones((100, 2), np.float32))
+    ps.table("t").push(ids, np.ones((100, 2), np.float32))
     ps.save(tmp_path)
-    ps.push_rows("t", ids, np.ones((100, 2), np.float32))  # lost on shard 0 when it dies
+    ps.table("t").push(ids, np.ones((100, 2), np.float32))  # lost on shard 0 when it dies
     kill_and_wait(ps.shards[0])
-    rows = ps.pull_rows("t", ids)[:, 0]
+    rows = ps.table("t").pull(ids)[:, 0]
     on_0 = shardps.store.placement.shard_of_ids(ids, "t", 2) == 0
     assert (rows[on_0] == 1).all() and (rows[~on_0] == 2).all()
 
 
 @ray.remote(num_cpus=0.1)
 def _push_from_a_task(router):
-    router.push_rows("t", np.array([1, 1, 2]), np.ones((3, 2), np.float32))
-    return router.pull_rows("t", np.array([1, 2]))
+    router.table("t").push(np.array([1, 1, 2]), np.ones((3, 2), np.float32))
+    return router.table("t").pull(np.array([1, 2]))
 
 
 def test_router_copies_in_tasks_push_and_pull_rows(make_ps):
     ps = make_ps(2)
     ps.register_table("t", 2, initializer=Zeros(), optimizer=SGD(lr=-1.0))
     np.testing.assert_array_equal(ray.get(_push_from_a_task.remote(ps)), [[2, 2], [1, 1]])
-    np.testing.assert_array_equal(ps.pull_rows("t", [2, 1]), [[1, 1], [2, 2]])
+    np.testing.assert_array_equal(ps.table("t").pull([2, 1]), [[1, 1], [2, 2]])
 
 
 @pytest.mark.parametrize("call, error", [
-    (lambda ps: ps.pull_rows("nope", [1]), KeyError),
-    (lambda ps: ps.pull_rows("t", [1.5]), TypeError),
-    (lambda ps: ps.pull_rows("t", np.array(["1"])), TypeError),
-    (lambda ps: ps.pull_rows("t", [True]), TypeError),
-    (lambda ps: ps.pull_rows("t", [[1]]), ValueError),
-    (lambda ps: ps.pull_rows("t", np.array([2**63], np.uint64)), ValueError),
-    (lambda ps: ps.push_rows("t", [1, 2], np.ones((1, 2))), ValueError),
-    (lambda ps: ps.push_rows("t", [1], np.array([[np.nan, 1]])), ValueError),
-    (lambda ps: ps.push_rows("t", [1], np.array([[1j, 1]])), ValueError),
+    (lambda ps: ps.table("nope").pull([1]), KeyError),
+    (lambda ps: ps.table("t").pull([1.5]), TypeError),
+    (lambda ps: ps.table("t").pull(np.array(["1"])), TypeError),
+    (lambda ps: ps.table("t").pull([True]), TypeError),
+    (lambda ps: ps.table("t").pull([[1]]), ValueError),
+    (lambda ps: ps.table("t").pull(np.array([2**63], np.uint64)), ValueError),
+    (lambda ps: ps.table("t").push([1, 2], np.ones((1, 2))), ValueError),
+    (lambda ps: ps.table("t").push([1], np.array([[np.nan, 1]])), ValueError),
+    (lambda ps: ps.table("t").push([1], np.array([[1j, 1]])), ValueError),
     (lambda ps: ps.push({"w": np.ones(3)}, rows={"t": ([1], np.array([[np.inf, 1]]))}), ValueError),
     (lambda ps: ps.push({"w": np.ones(3)}, rows={"nope": ([1], np.ones((1, 2)))}), KeyError),
     (lambda ps: ps.push({"w": np.ones(3)}, rows={"t": [1]}), TypeError),
@@ -149,11 +149,11 @@ def test_bad_table_calls_raise_and_change_nothing(make_ps, call, error):
     ps = make_ps(2)
     ps.register({"w": np.zeros(3, np.float32)})
     ps.register_table("t", 2, initializer=Zeros(), optimizer=SGD(lr=-1.0))
-    ps.push_rows("t", [1], np.ones((1, 2), np.float32))
+    ps.table("t").push([1], np.ones((1, 2), np.float32))
     with pytest.raises(error):
         call(ps)
     assert set(ps.tables()) == {"t"} and ps.tables()["t"]["rows"] == 1
-    np.testing.assert_array_equal(ps.pull_rows("t", [1, 2]), [[1, 1], [0, 0]])
+    np.testing.assert_array_equal(ps.table("t").pull([1, 2]), [[1, 1], [0, 0]])
     np.testing.assert_array_equal(ps.pull(["w"])["w"], np.zeros(3))
 
 
@@ -171,12 +171,12 @@ def test_dense_keys_and_rows_travel_in_one_message_per_shard(make_ps):
     np.testing.assert_array_equal(got["w"], np.ones(5))
     np.testing.assert_array_equal(got["emb"], [[6, 7], [4, 6], [4, 6], [0, 0]])  # 5: rows 0 + 2 summed
     np.testing.assert_array_equal(got["wide"], [[0, 1]])
-    np.testing.assert_array_equal(got["emb"], ps.pull_rows("emb", [1000, 5, 5, 9]))
+    np.testing.assert_array_equal(got["emb"], ps.table("emb").pull([1000, 5, 5, 9]))
     assert set(got) == {"w", "emb", "wide"}
 
 
 def test_small_rows_travel_as_bytes_large_as_arrays_and_both_match_the_oracle(make_ps):
-    from shardps.store.wire import INLINE_BYTES, ROWS
+    from shardps.store.wire import INLINE_BYTES
 
     dim = 32
     ps = make_ps(2, optimizer=SGD(lr=-1.0))
@@ -188,11 +188,11 @@ def test_small_rows_travel_as_bytes_large_as_arrays_and_both_match_the_oracle(ma
     for size in (3, big, 5, big):
         ids = rng.integers(0, 3 * big, size)
         grads = rng.standard_normal((size, dim)).astype(np.float32)
-        wire = [m[ROWS]["t"] for m in ps.pack({"w": np.ones(4)}, rows={"t": (ids, grads)}) if m and ROWS in m]
+        wire = [m[1]["t"] for m in ps.pack({"w": np.ones(4)}, rows={"t": (ids, grads)}) if m and "t" in m[1]]
         assert wire and all(isinstance(grads, bytes) == (size < big) for _, grads in wire)  # ids: bytes either way
         got = ps.push_pull({"w": np.ones(4)}, ["w"], rows={"t": (ids, grads)}, pull_rows={"t": ids[::-1]})
         oracle.push(ids, grads)
         np.testing.assert_array_equal(got["t"], oracle.pull(ids[::-1]))
     probe = np.arange(3 * big)
-    np.testing.assert_array_equal(ps.pull_rows("t", probe), oracle.pull(probe))
+    np.testing.assert_array_equal(ps.table("t").pull(probe), oracle.pull(probe))
     np.testing.assert_array_equal(ps.pull(["w"])["w"], np.full(4, 4.0))

@@ -1,4 +1,4 @@
-"""Checkpoints: safe formats only (npz without pickle + a JSON manifest), written crash-safely.
+"""The checkpoint file format: safe formats only (npz without pickle + a JSON manifest), written crash-safely.
 
 A checkpoint folder holds one sub-folder per save, ``ckpt-<step>-<id>``, and
 a ``LATEST`` file naming the newest complete one. A save writes its
@@ -7,7 +7,8 @@ then replaces ``LATEST`` with ``os.replace`` (atomic); only after that are
 older saves removed. So a crash at any instant leaves ``LATEST`` naming a
 complete checkpoint (the old one or the new one), also when the same step is
 saved twice. Tensors are stored whole (not per shard), so a checkpoint
-restores into any number of shards.
+restores into any number of shards. This module only writes and reads
+files: :mod:`shardps.store.snapshot` gathers a store's state and loads it back.
 
 Inside: ``manifest.json`` (format version, the store's id, step, optimizer
 and its hyperparameters, block size, shard count, keys with shape, dtype and
@@ -46,39 +47,28 @@ MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few KB per thousand keys
 MAX_SHARDS = 1 << 16
 
 
-def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Path:
-    """Write the router's parameters and optimizer state; returns the new checkpoint's folder.
+def write(path: str | os.PathLike, *, header: dict, params: dict, state: dict, steps: dict, tables: dict,
+          keep: int = 2) -> Path:
+    """Write one checkpoint under folder ``path``; returns its folder. Blocks until written and synced.
 
-    Blocks until written. Keeps the newest ``keep`` checkpoints in ``path``.
+    ``header``: ``{"store", "step", "num_shards", "block_bytes", "optimizer" (config), "shards" (per shard
+    ``{"version", "applied"}``)}``; ``params``/``state``/``steps``: whole tensors by key (state: ``{slot:
+    array}``), in registration order; ``tables``: ``{name: (spec as JSON, rows)}``, rows as
+    :func:`shardps.store.placement.gather_rows` gives them. Keeps the newest ``keep`` checkpoints.
     """
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    exports = router.call_each(lambda shard: shard.export.remote())
-    layout = router.layout
-    arrays, keys = {}, []
-    for i, (name, spec) in enumerate(layout.keys.items()):
-        flat = np.empty(spec.size, spec.dtype)
-        slots = {}
-        seg_step = 0
-        for seg in spec.segments:
-            held = exports[seg.shard][0][spec.dtype.str]
-            flat[seg.start:seg.stop] = held.params[seg.offset:seg.offset + seg.size]
-            for slot, buf in held.state.items():
-                slots.setdefault(slot, np.empty(spec.size, spec.dtype))[seg.start:seg.stop] = \
-                    buf[seg.offset:seg.offset + seg.size]
-            seg_step = int(held.steps[seg.index])
-        arrays[f"p{i}"] = flat.reshape(spec.shape)
-        arrays.update({f"s{i}.{slot}": buf.reshape(spec.shape) for slot, buf in slots.items()})
-        keys.append({"name": name, "shape": list(spec.shape), "dtype": spec.dtype.str, "step": seg_step})
-    tables = [_table_arrays(j, name, spec, [held for _, _, held in exports], arrays)
-              for j, (name, spec) in enumerate(layout.tables.items())]
-    manifest = {
-        "format": FORMAT, "version": VERSION, "store": router.store_id, "step": int(step),
-        "num_shards": router.num_shards, "block_bytes": layout.partitioner.block_bytes,
-        "optimizer": optimizer_config(router.optimizer), "keys": keys, "tables": tables,
-        "shards": [meta for _, meta, _ in exports],
-    }
-    final = root / f"ckpt-{int(step):08d}-{uuid.uuid4().hex[:8]}"  # never an existing name: nothing is replaced
+    arrays, keys, entries = {}, [], []
+    for i, (name, value) in enumerate(params.items()):
+        arrays[f"p{i}"] = value
+        arrays.update({f"s{i}.{slot}": buf for slot, buf in state[name].items()})
+        keys.append({"name": name, "shape": list(value.shape), "dtype": value.dtype.str, "step": int(steps[name])})
+    for j, (name, (spec, rows)) in enumerate(tables.items()):
+        arrays.update({f"t{j}.{field}": value for field, value in rows.items()})
+        entries.append({**spec, "rows": int(len(rows["ids"])), "count_slots": int(len(rows["counts"]))})
+    manifest = {"format": FORMAT, "version": VERSION, **header, "step": int(header["step"]), "keys": keys,
+                "tables": entries}
+    final = root / f"ckpt-{int(header['step']):08d}-{uuid.uuid4().hex[:8]}"  # never an existing name
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
@@ -93,20 +83,6 @@ def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Pa
     for old in others[:max(0, len(others) - (keep - 1))]:  # keep the newest, never the one just written
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _table_arrays(j: int, name: str, spec: dict, held: list[dict], arrays: dict) -> dict:
-    """Put table ``name``'s rows from every shard into ``arrays`` as ``t<j>.*``; return its manifest entry.
-
-    Rows are stored whole (every shard's, ids ascending within a shard), so
-    they restore into any shard count; admission counters are summed.
-    """
-    parts = [h[name]["rows"] for h in held if name in h]
-    for field in [k for k in parts[0] if k != "counts"]:
-        arrays[f"t{j}.{field}"] = np.concatenate([p[field] for p in parts])
-    counts = np.sum([p["counts"].astype(np.int64) for p in parts], axis=0)
-    arrays[f"t{j}.counts"] = np.minimum(counts, 255).astype(np.uint8)
-    return {**spec, "rows": int(len(arrays[f"t{j}.ids"])), "count_slots": int(len(counts))}
 
 
 def _write_synced(path: Path, write, replace: Path | None = None) -> None:

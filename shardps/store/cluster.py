@@ -11,15 +11,12 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-import numpy as np
-
-from shardps.store import checkpoint
-from shardps.training.config import replication_restarts
-from shardps.store.optim import SGD, optimizer_from_config
+from shardps.store import checkpoint, snapshot
+from shardps.store.optim import SGD, optimizer_config, optimizer_from_config
 from shardps.store.placement import DEFAULT_BLOCK_BYTES, HashPartitioner, Layout
 from shardps.store.router import Router
 from shardps.store.shard.actor import ParameterShard
-from shardps.store.initializers import initializer_from_config
+from shardps.store.shard.recovery import replication_restarts
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +151,7 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
     partitioner = HashPartitioner(num_shards, block_bytes=block_bytes)  # validates both
     max_restarts = replication_restarts(replicas, max_restarts)
     optimizer = SGD(lr=0.01) if optimizer is None else optimizer
-    if not hasattr(optimizer, "apply"):
-        raise ValueError(f"Argument `optimizer` must be one of shardps.SGD/Momentum/Adam/Adagrad. Received: {optimizer!r}")
+    optimizer_config(optimizer)  # raises ValueError naming the argument for anything but SGD ... FTRL
     shares_ray = _use_ray(address, num_cpus)
     group, shards, copies = None, [], []
 
@@ -265,22 +261,16 @@ def restore(path: str | os.PathLike, num_shards: int | None = None, address: str
     return launch_from(checkpoint.read(path), num_shards=num_shards, address=address, **launch_kwargs)
 
 
-def launch_from(saved: checkpoint.Checkpoint, *, num_shards: int | None = None, **launch_kwargs):
-    """:func:`restore` from what :func:`shardps.store.checkpoint.read` returned. The new store keeps the checkpoint's id."""
+def launch_from(saved: checkpoint.Checkpoint, *, num_shards: int | None = None, **launch_kwargs) -> Router:
+    """:func:`restore` from what :func:`shardps.store.checkpoint.read` returned. The new store keeps the
+    checkpoint's id."""
     manifest = saved.manifest
     launch_kwargs.setdefault("block_bytes", manifest["block_bytes"])
     launch_kwargs.setdefault("store_id", manifest.get("store"))
     ps = launch(num_shards or manifest["num_shards"], optimizer=optimizer_from_config(manifest["optimizer"]),
                 **launch_kwargs)
     try:
-        if saved.params:
-            ps.register(saved.params)
-            ps.load_optimizer_state(saved.state, {k["name"]: k["step"] for k in manifest["keys"]})
-        for table in manifest["tables"]:
-            ps.register_table(table["name"], table["dim"], initializer=initializer_from_config(table["initializer"]),
-                              optimizer=optimizer_from_config(table["optimizer"]), dtype=np.dtype(table["dtype"]),
-                              min_count=table["min_count"], max_rows=table["max_rows"], seed=table["seed"])
-            ps.load_table(table["name"], saved.tables[table["name"]])
+        snapshot.load(ps, saved)
     except BaseException:
         ps.shutdown()
         raise

@@ -205,8 +205,11 @@ OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adagrad": Adagrad
 
 
 def optimizer_config(opt) -> dict:
-    """A JSON-safe description of an optimizer: ``{"name": ..., **hyperparameters}``."""
-    name = next(n for n, cls in OPTIMIZERS.items() if type(opt) is cls)
+    """A JSON-safe description of an optimizer: ``{"name": ..., **hyperparameters}``. Raises ``ValueError``."""
+    name = next((n for n, cls in OPTIMIZERS.items() if type(opt) is cls), None)
+    if name is None:
+        raise ValueError(f"Argument `optimizer` must be one of shardps.SGD, Momentum, Adam, Adagrad or FTRL "
+                         f"(an instance). Received: {opt!r:.80}")
     return {"name": name, **asdict(opt)}
 
 

@@ -119,8 +119,8 @@ class Layout:
     keys: dict[str, KeySpec] = field(default_factory=dict)
     # shard -> dtype name -> segments in buffer order
     shard_segments: list[dict[str, list[Segment]]] = field(default_factory=list)
-    # embedding tables: name -> spec (rows are placed by a hash of their id: see shard_of_ids below)
-    tables: dict[str, dict] = field(default_factory=dict)
+    # embedding tables: name -> TableSpec (rows are placed by a hash of their id: see shard_of_ids below)
+    tables: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.shard_segments:
@@ -129,6 +129,20 @@ class Layout:
     @property
     def num_shards(self) -> int:
         return self.partitioner.num_shards
+
+    def spec(self, key: str) -> KeySpec:
+        """Shape, dtype and placement of one key. Raises ``KeyError``."""
+        try:
+            return self.keys[key]
+        except (KeyError, TypeError):
+            raise KeyError(f"unknown key {key!r}; registered keys: {sorted(self.keys)[:20]}") from None
+
+    def table_spec(self, name: str):
+        """The :class:`~shardps.store.tables.TableSpec` of a table. Raises ``KeyError``."""
+        try:
+            return self.tables[name]
+        except (KeyError, TypeError):
+            raise KeyError(f"unknown table {name!r}; tables: {sorted(self.tables)[:20]}") from None
 
     def add(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> KeySpec:
         """Place a new key after everything placed so far; returns its spec."""
@@ -145,8 +159,8 @@ class Layout:
         self.keys[name] = spec
         return spec
 
-    def state_message(self, shard: int, params: dict | None, state: dict, steps: dict) -> dict:
-        """What one shard holds of whole tensors, in its buffer order.
+    def slice_dense(self, shard: int, params: dict | None, state: dict, steps: dict) -> dict:
+        """What one shard holds of whole tensors, in its buffer order: the inverse of :meth:`gather_dense`.
 
         Returns ``{dtype: SegmentState}`` cut from ``params`` (key -> array, or None),
         ``state`` (key -> {slot: array}) and ``steps`` (key -> int).
@@ -163,6 +177,24 @@ class Layout:
                                       {slot: cut(segs, dtype, lambda key, slot=slot: state[key][slot]) for slot in slots},
                                       np.array([steps[seg.key] for seg in segs], np.int64))
         return out
+
+    def gather_dense(self, held: list[dict]) -> tuple[dict, dict, dict]:
+        """Whole tensors from every shard's ``{dtype: SegmentState}``: ``(params, state, steps)`` by key,
+        as :meth:`slice_dense` takes them."""
+        params, state, steps = {}, {}, {}
+        for name, spec in self.keys.items():
+            flat = np.empty(spec.size, spec.dtype)
+            slots: dict[str, np.ndarray] = {}
+            for seg in spec.segments:
+                group = held[seg.shard][spec.dtype.str]
+                flat[seg.start:seg.stop] = group.params[seg.offset:seg.offset + seg.size]
+                for slot, buf in group.state.items():
+                    slots.setdefault(slot, np.empty(spec.size, spec.dtype))[seg.start:seg.stop] = \
+                        buf[seg.offset:seg.offset + seg.size]
+                steps[name] = int(group.steps[seg.index])
+            params[name] = flat.reshape(spec.shape)
+            state[name] = {slot: buf.reshape(spec.shape) for slot, buf in slots.items()}
+        return params, state, steps
 
     def shard_bytes(self) -> list[int]:
         """Bytes of parameters held by each shard."""
@@ -181,3 +213,19 @@ def shard_of_ids(ids: np.ndarray, name: str, num_shards: int) -> np.ndarray:
 def rows_per_shard(max_rows: int | None, num_shards: int) -> int | None:
     """Each shard's share of a table's ``max_rows``: ceil(max_rows / num_shards) (None: no limit)."""
     return None if max_rows is None else -(-max_rows // num_shards)
+
+
+def slice_rows(rows: dict, name: str, shard: int, num_shards: int) -> dict:
+    """One shard's part of a table's rows (``{"ids", "params", ..., "counts"}``, every row): its ids and
+    their fields; admission ``counts`` go to every shard. The inverse of :func:`gather_rows`."""
+    mine = shard_of_ids(rows["ids"], name, num_shards) == shard
+    return {k: (v if k == "counts" else v[mine]) for k, v in rows.items()}
+
+
+def gather_rows(parts: list[dict]) -> dict:
+    """A table's rows from every shard's part (each as :func:`slice_rows` gives it): the fields
+    concatenated, admission counters summed (saturating at 255)."""
+    out = {field: np.concatenate([p[field] for p in parts]) for field in parts[0] if field != "counts"}
+    counts = np.sum([p["counts"].astype(np.int64) for p in parts], axis=0)
+    out["counts"] = np.minimum(counts, 255).astype(np.uint8)
+    return out

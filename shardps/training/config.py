@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 from shardps.training.data import DATASETS
 from shardps.training.models import MODELS
+from shardps.store.shard.recovery import replication_restarts
 from shardps.store.optim import OPTIMIZERS
 from shardps.store.placement import DEFAULT_BLOCK_BYTES
 
@@ -127,24 +128,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def replication_restarts(replicas, max_restarts) -> int:
-    """Check a store's ``replicas`` (1 or 2) and ``max_restarts``; return the restarts in force.
-
-    ``max_restarts=None`` means 3 with a replica (recovery is a restart),
-    else 0 (a restarted shard without a replica needs a checkpoint).
-    Raises ``ValueError`` naming the argument.
-    """
-    if replicas not in (1, 2) or isinstance(replicas, bool):
-        raise ValueError(f"Argument `replicas` must be 1 or 2. Received: {replicas!r}")
-    if max_restarts is None:
-        return 3 if replicas == 2 else 0
-    if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) or max_restarts < 0:
-        raise ValueError(f"Argument `max_restarts` must be an integer >= 0. Received: {max_restarts!r}")
-    if replicas == 2 and max_restarts == 0:
-        raise ValueError("Argument `replicas=2` needs `max_restarts` >= 1: a shard is recovered by restarting it")
-    return max_restarts
 
 
 def _choice(name, value, allowed) -> None:

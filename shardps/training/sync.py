@@ -7,7 +7,7 @@ import logging
 from ray.exceptions import RayActorError, RayTaskError
 
 from shardps.store.errors import ShardUnavailableError
-from shardps.store.handle import gather, wait_alive
+from shardps.store.handle import gather
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,7 @@ def run_sync(ps, crew, start: int, steps: int, on_step, config) -> None:
                 if attempt >= config.max_restarts:
                     raise
                 log.warning("step %d failed (%s); retrying it", step, type(exc).__name__)
-                for shard in ps.shards:
-                    wait_alive(shard.ping)
+                ps.wait_available()
                 for dead in crew.dead():
                     crew.replace(dead, exc)
         due = step % config.eval_every == 0 or step == steps
@@ -53,9 +52,8 @@ def _step(ps, workers: list, step: int, base_version: int, batch: int) -> list[f
     (the worker outputs outlive it); a worker that dies fails the step.
     """
     outs = [w.sync_step.options(num_returns=1 + ps.num_shards).remote(batch) for w in workers]
-    involved = [bool(ps.layout.shard_segments[s] or ps.layout.tables) for s in range(ps.num_shards)]
-    grads = [[out[1 + s] for out in outs] if involved[s] else [] for s in range(ps.num_shards)]
-    if ps.replicas:  # a shard fetching refs itself would block (and the workers' pulls with it) until they exist
+    grads = [[out[1 + s] for out in outs] if involved else [] for s, involved in enumerate(ps.involved())]
+    if ps.replicated:  # a shard fetching refs itself would block (and the workers' pulls with it) until they exist
         losses = gather([out[0] for out in outs])
         ps.push_mean(grads, step=step, base_version=base_version)
         return losses

@@ -1,7 +1,7 @@
-"""One embedding table's rows on one shard: storage, per-row optimizer, admission and eviction.
+"""A shard's embedding tables: each table's rows, per-row optimizer, admission and eviction.
 
-A plain class (no Ray), the shard-side half of the sparse-tables issue; the
-Router, shard messages, checkpoints and replicas do not use it yet.
+Plain classes (no Ray): :class:`EmbeddingTable` holds one table's rows on one
+shard, :class:`RowStore` every table of the shard.
 
 Rows live in arrays that grow by doubling (parameters, one array per
 optimizer slot, and per row its update count and the logical time of its
@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from shardps.store.shard.index import RowIndex
+from shardps.store.errors import ShardUnavailableError
 from shardps.store.ids import as_ids, mix64, name_salt, segment_sum
-from shardps.store.wire import all_finite
+from shardps.store.shard.index import RowIndex
+from shardps.store.tables import TableSpec
+from shardps.store.wire import all_finite, from_wire, rows_from_wire, to_wire
 
 _COUNTER_SALT = 0xC0FFEE  # admission counters hash ids apart from placement and the row index
 
@@ -47,14 +49,7 @@ class EmbeddingTable:
 
     def __init__(self, name: str, dim: int, *, initializer, optimizer, dtype=np.float32, seed: int = 0,
                  min_count: int = 1, max_rows: int | None = None, count_slots: int = 1 << 20):
-        if type(optimizer).__name__ == "Momentum":
-            raise ValueError("Momentum is not supported for embedding tables: use SGD, Adagrad, Adam or FTRL")
-        checked = {"dim": dim, "min_count": min_count, **({} if max_rows is None else {"max_rows": max_rows})}
-        for arg, value in checked.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Argument `{arg}` must be an integer >= 1. Received: {value!r}")
-        if min_count > 255:
-            raise ValueError(f"Argument `min_count` must be at most 255 (8-bit counters). Received: {min_count}")
+        TableSpec(name, dim, initializer, optimizer, dtype, seed, min_count, max_rows)  # checks every argument
         self.name, self.dim, self.dtype = name, dim, np.dtype(dtype)
         self.initializer, self.optimizer, self.seed = initializer, optimizer, seed
         self.min_count, self.max_rows = min_count, max_rows
@@ -235,3 +230,90 @@ def _grown(a: np.ndarray, rows: int) -> np.ndarray:
     out = np.zeros((rows,) + a.shape[1:], a.dtype)
     out[:len(a)] = a
     return out
+
+
+class RowStore:
+    """Every table of one shard, by name. ``lost``: why tables may be missing (a restart from an older
+    checkpoint); set, an unknown table raises ``ShardUnavailableError`` instead of ``KeyError``."""
+
+    def __init__(self):
+        self._tables: dict[str, EmbeddingTable] = {}
+        self._specs: dict[str, dict] = {}  # what register received, by table name
+        self.lost: str | None = None
+
+    def register(self, spec: dict) -> bool:
+        """Hold a new table: ``spec`` is :meth:`TableSpec.for_shard`'s. False if it is held already (a re-send).
+
+        Raises ``ValueError`` for a bad spec, or another spec under a name already held.
+        """
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if name in self._specs:
+            if self._specs[name] != spec:
+                raise ValueError(f"table {name!r} is already registered differently")
+            return False
+        checked = TableSpec.from_json(spec)
+        self._tables[name] = EmbeddingTable(
+            name, checked.dim, dtype=checked.dtype, initializer=checked.initializer, optimizer=checked.optimizer,
+            seed=checked.seed, min_count=checked.min_count, max_rows=checked.max_rows)
+        self._specs[name] = dict(spec)
+        return True
+
+    def table(self, name: str) -> EmbeddingTable:
+        """The table ``name``. Raises ``KeyError`` (or ``ShardUnavailableError``, see :attr:`lost`)."""
+        table = self._tables.get(name) if isinstance(name, str) else None
+        if table is not None:
+            return table
+        if self.lost is not None:
+            raise ShardUnavailableError(f"{self.lost}, which lacks table {name!r}: its rows are lost")
+        raise KeyError(f"holds no table {name!r}")
+
+    def plan(self, parts: list[dict], count: int) -> list:
+        """Validate the row parts ``{table: (ids, grads)}`` of ``count`` messages and average them over all
+        of them: ``[(table, unique ids, grads)]``. A message without rows for a table counts as zeros for it
+        (a sync worker that did not see an id). Raises ``KeyError``/``ValueError`` before anything changes.
+        """
+        by_table: dict[str, list] = {}
+        for rows in parts:
+            for name, pair in rows.items():
+                by_table.setdefault(name, []).append(pair)
+        plan = []
+        for name, pairs in by_table.items():
+            table = self.table(name)
+            try:
+                decoded = [(from_wire(ids, np.int64), rows_from_wire(grads, table.dtype, table.dim))
+                           for ids, grads in pairs]
+                ids = np.concatenate([as_ids(ids) for ids, _ in decoded]) if len(decoded) > 1 else decoded[0][0]
+                grads = np.concatenate([np.asarray(g) for _, g in decoded]) if len(decoded) > 1 else decoded[0][1]
+                ids, grads = table.checked(ids, grads)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(str(exc)) from None
+            plan.append((table, ids, grads / count if count > 1 else grads))
+        return plan
+
+    @staticmethod
+    def apply(plan: list) -> None:
+        """Apply a :meth:`plan`."""
+        for table, ids, grads in plan:
+            table.apply(ids, grads)
+
+    def answer(self, request: dict) -> dict:
+        """Rows asked for: ``{table: ids}`` -> ``{table: rows}`` (wire form). Creates nothing."""
+        return {name: to_wire(self.table(name).pull(from_wire(ids, np.int64))) for name, ids in request.items()}
+
+    def load_rows(self, name: str, rows: dict) -> None:
+        """Replace table ``name``'s rows (restore); see :meth:`EmbeddingTable.load`. Raises ``ValueError``."""
+        self.table(name).load(rows)
+
+    def stats(self) -> dict:
+        return {name: {"rows": len(table), "bytes": table.nbytes} for name, table in self._tables.items()}
+
+    def export(self) -> dict:
+        """``{name: {"spec": what register got, "rows": EmbeddingTable.export()}}``: what :meth:`load` takes."""
+        return {name: {"spec": self._specs[name], "rows": table.export()} for name, table in self._tables.items()}
+
+    def load(self, tables: dict) -> None:
+        """Replace every table with ``tables`` (as :meth:`export` gives them)."""
+        self._tables, self._specs = {}, {}
+        for name, held in tables.items():
+            self.register(held["spec"])
+            self._tables[name].load(held["rows"])
