@@ -1,7 +1,9 @@
-"""``shardps bench {ps,training,cluster} [flags]``: forwards to the benchmark scripts."""
+"""``python -m benchmarks.cli WHICH [flags]`` (or ``shardps bench WHICH [flags]``): runs one benchmark script."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 
 _SCRIPTS = {
     "ps": ("benchmarks.ps_throughput", "parameter-server throughput vs shard count, with baseline and Ray floor"),
@@ -15,15 +17,14 @@ _SCRIPTS = {
 }
 
 
-def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark (see benchmarks/)", add_help=True)
-    p.add_argument("which", choices=sorted(_SCRIPTS), help="; ".join(f"{k}: {v[1]}" for k, v in _SCRIPTS.items()))
-    p.add_argument("args", nargs=argparse.REMAINDER, help="flags for the benchmark (--help lists them)")
-    p.set_defaults(run=_run, parser=p)
-
-
-def _run(args, parser) -> int:
-    import importlib
-
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardps bench", description="Run one benchmark script (see benchmarks/).")
+    parser.add_argument("which", choices=sorted(_SCRIPTS), help="; ".join(f"{k}: {v[1]}" for k, v in _SCRIPTS.items()))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="flags for the benchmark (--help lists them)")
+    args = parser.parse_args(argv)
     importlib.import_module(_SCRIPTS[args.which][0]).main(args.args)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

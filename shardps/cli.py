@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
+import subprocess
 import signal
 import sys
 import threading
@@ -72,11 +74,13 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 
 
 def _config_from(args, parser) -> TrainConfig:
+    """The run's TrainConfig; bad values exit 2 with TrainConfig's message, its field names as this CLI's flags."""
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     try:
         return TrainConfig(**fields)
     except ValueError as exc:
-        parser.error(str(exc).replace("Argument `", "--").replace("`", "").replace("_", "-"))
+        flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+        parser.error(re.sub(r"(?:Argument )?`(\w+)`", lambda m: flags.get(m[1], m[0]), str(exc)))
 
 
 class _Reporter:
@@ -147,13 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what shardps does")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
-    try:
-        from benchmarks.cli import add_bench_parser
-    except ImportError:  # benchmarks/ ships with the source tree, not the wheel
-        pass
-    else:
-        add_bench_parser(sub)
+    bench = sub.add_parser("bench", help="run a benchmark script from a source checkout (see benchmarks/)",
+                           description="Runs `python -m benchmarks.cli WHICH [flags]` from a source checkout; "
+                           "`python -m benchmarks.cli --help` lists the benchmarks.")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="which benchmark and its flags")
+    bench.set_defaults(run=_run_bench, parser=bench)
     return parser
+
+
+def _run_bench(args, parser) -> int:
+    """The benchmarks are a program of their own (benchmarks/cli.py), run in a child process: the
+    library never imports them. Returns its exit status."""
+    return subprocess.call([sys.executable, "-m", "benchmarks.cli", *args.args])
 
 
 def _protect_local_ray(args) -> None:

@@ -33,6 +33,20 @@ def test_bad_flags_exit_2_before_ray_starts(monkeypatch, capsys, argv):
     assert "usage: shardps train" in capsys.readouterr().err
 
 
+def test_config_errors_name_the_flag_as_typed(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--model", "widedeep", "--table-lr", "nan"])
+    err = capsys.readouterr().err
+    assert "--table-lr must be a positive number" in err and "Argument" not in err
+
+
+def test_bench_runs_the_benchmark_program_in_a_child_process(capfd):
+    """`shardps bench` forwards to `python -m benchmarks.cli` (the library never imports benchmarks):
+    an unknown benchmark is that program's usage error."""
+    assert cli.main(["bench", "no-such-benchmark"]) == 2
+    assert "invalid choice: 'no-such-benchmark'" in capfd.readouterr().err
+
+
 def _train_json(tmp_path, *flags: str, env: dict) -> tuple[dict, str]:
     """Run ``shardps train FLAGS --json`` in a fresh process; its summary and its stderr. Fails on a non-zero exit."""
     out = subprocess.run([sys.executable, "-m", "shardps.cli", "train", *flags, "--json"],

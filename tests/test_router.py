@@ -88,7 +88,7 @@ def test_router_copy_has_own_client_and_does_not_own_shards(make_ps):
     ps = make_ps(2, block_bytes=BLOCK)
     ps.register(params())
     copy = pickle.loads(pickle.dumps(ps))
-    assert copy._client != ps._client
+    assert copy._numbering.client != ps._numbering.client
     copy.shutdown()  # a copy never removes the shards
     np.testing.assert_array_equal(copy.pull(["b"])["b"], ps.pull(["b"])["b"])
 

@@ -23,10 +23,56 @@ that many others' pushes has nothing in flight any more.
 """
 from __future__ import annotations
 
+import itertools
+import threading
+import uuid
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 MAX_CLIENTS = 1024  # records kept per shard; a Router copy that went quiet is forgotten after this many others
+
+
+class Numbering:
+    """A client's side: its id, the numbers of its pushes and the floor below which every push has its answer.
+
+    :meth:`send` numbers a push and sends it under one lock, so each shard
+    receives one client's pushes in order (the shards' record is exact in
+    any order anyway). ``client``: this client's id (a Router copy makes its own).
+    """
+
+    def __init__(self):
+        self.client = uuid.uuid4().hex
+        self._seq = itertools.count()
+        self._pending: OrderedDict = OrderedDict()  # unfinished pushes (Handles) by sequence number
+        self._lock = threading.RLock()
+
+    def send(self, send: Callable, *, step: int | None = None):
+        """``send(client, seq, floor, on_done)`` under the lock; returns what it returns (a Handle).
+
+        ``step``: number a synchronous training step instead (client
+        ``<id>/steps``, seq and floor the step: a retried step is the same push).
+        """
+        with self._lock:
+            if step is not None:
+                return send(f"{self.client}/steps", step, step, None)
+            self._forget_finished()
+            seq = next(self._seq)
+            floor = next(iter(self._pending), seq)  # every push below it has its answer
+            handle = send(self.client, seq, floor, lambda: self._done(seq))
+            self._pending[seq] = handle
+            return handle
+
+    def _forget_finished(self) -> None:
+        """Drop the oldest pushes that have their answers (waited on or not), so the floor moves on."""
+        while self._pending:
+            seq, handle = next(iter(self._pending.items()))
+            if not handle.ready():
+                return
+            self._pending.pop(seq)
+
+    def _done(self, seq: int) -> None:
+        with self._lock:
+            self._pending.pop(seq, None)
 
 
 class Tag(NamedTuple):

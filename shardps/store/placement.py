@@ -196,6 +196,16 @@ class Layout:
             state[name] = {slot: buf.reshape(spec.shape) for slot, buf in slots.items()}
         return params, state, steps
 
+    def segment_count(self, shard: int) -> int:
+        """How many key segments ``shard`` holds (a push tells the shard, see :class:`~shardps.store.dedup.Tag`)."""
+        return sum(len(segs) for segs in self.shard_segments[shard].values())
+
+    def shard_blocks(self) -> list[int]:
+        """Blocks (of ``block_bytes`` at most) held by each shard."""
+        block = self.partitioner.block_bytes
+        return [sum(-(-seg.size * np.dtype(dt).itemsize // block) for dt, segs in groups.items() for seg in segs)
+                for groups in self.shard_segments]
+
     def shard_bytes(self) -> list[int]:
         """Bytes of parameters held by each shard."""
         return [

@@ -4,18 +4,14 @@ It knows the layout (which shard holds which range of every key), checks
 every request before anything is sent, packs everything bound for one shard
 into one message, sends to all involved shards at once and gathers.
 
-Cost of one operation on a tensor split over S shards:
-- push: one validation pass (cast + finiteness), one packing copy per shard
-  only when its part is several small keys (see :func:`shardps.store.wire.join`),
-  one copy into Ray's object store per message; S remote calls in flight
-  together; the shard reads the message zero-copy and updates its buffer in
-  place.
-- pull: S remote calls in flight together; the shard answers with views of
-  its buffer, one per key (packed into one array when they are small or
-  many: :func:`shardps.store.wire.join`), which Ray copies once into the object
-  store; the client reads the answers zero-copy: a key held whole by one
-  shard is returned as a read-only view, a split key is assembled with one
-  copy into a fresh array.
+Cost of one operation on a tensor split over S shards: S remote calls in
+flight together. A push costs one validation pass (cast + finiteness), a
+packing copy per shard only when its part is several small keys
+(:func:`shardps.store.wire.join`) and one copy into Ray's object store per
+message; the shard reads it zero-copy and updates its buffer in place. A
+pull is answered with views of the shard's buffer, copied once by Ray; a key
+held whole by one shard comes back as a read-only view, a split key is
+assembled with one copy.
 
 A Router is picklable: a copy sent to a Ray task or actor talks to the same
 shards, with its own client id for exactly-once pushes. Only the Router that
@@ -29,10 +25,6 @@ order, and the shards' record of applied pushes is exact in any order anyway
 """
 from __future__ import annotations
 
-import itertools
-import threading
-import uuid
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
@@ -40,11 +32,12 @@ import numpy as np
 import ray
 
 from shardps.store import messages as wire_messages
-from shardps.store.dedup import Tag
+from shardps.store import snapshot
+from shardps.store.dedup import Numbering
 from shardps.store.errors import ShardUnavailableError
 from shardps.store.handle import RESTART_TIMEOUT_S, Handle, wait_alive
-from shardps.store.placement import KeySpec, Layout
-from shardps.store.tables import Table, TableSpec
+from shardps.store.placement import Layout
+from shardps.store.tables import Table, TableSpec, table_stats
 from shardps.store.wire import INLINE_BYTES
 
 
@@ -70,15 +63,12 @@ class Router:
         self._new_client()
 
     def _new_client(self) -> None:
-        self._client = uuid.uuid4().hex
-        self._seq = itertools.count()
-        self._pending: OrderedDict[int, Handle] = OrderedDict()  # unfinished pushes by sequence number
-        self._lock = threading.RLock()  # a push's number, floor and sending go together
+        self._numbering = Numbering()  # this client's push numbers (exactly once)
         self._versions: list[int | None] = [None] * len(self._shards)  # last pulled, per shard
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for private in ("_on_shutdown", "_client", "_seq", "_pending", "_lock", "_versions"):
+        for private in ("_on_shutdown", "_numbering", "_versions"):
             state.pop(private)
         return state
 
@@ -117,13 +107,9 @@ class Router:
         """Registered keys, in registration order."""
         return list(self._layout.keys)
 
-    def spec(self, key: str) -> KeySpec:
-        """Shape, dtype and placement of one key. Raises ``KeyError``."""
-        return self._layout.spec(key)
-
     def placement(self, key: str) -> list[tuple[int, int, int]]:
         """``(shard, start, stop)`` ranges of the flattened ``key``. Raises ``KeyError``."""
-        return [(seg.shard, seg.start, seg.stop) for seg in self.spec(key).segments]
+        return [(seg.shard, seg.start, seg.stop) for seg in self._layout.spec(key).segments]
 
     def involved(self) -> list[bool]:
         """Per shard: whether a push of every key and table may reach it (it holds keys, or there are tables)."""
@@ -131,12 +117,9 @@ class Router:
 
     def stats(self) -> list[dict]:
         """Per shard: keys, blocks, bytes, tables, pushes, pulls, version, staleness, recoveries. Blocks."""
-        block = self._layout.partitioner.block_bytes
         stats = self.call_each(lambda shard: shard.stats.remote())
-        for shard_stats, groups in zip(stats, self._layout.shard_segments):
-            shard_stats["blocks"] = sum(
-                -(-seg.size * np.dtype(dt).itemsize // block) for dt, segs in groups.items() for seg in segs
-            )
+        for shard_stats, blocks in zip(stats, self._layout.shard_blocks()):
+            shard_stats["blocks"] = blocks
         return stats
 
     def call_each(self, call: Callable, per_shard: list | None = None) -> list:
@@ -168,10 +151,6 @@ class Router:
         if not self._owner:
             raise RuntimeError(f"{what}() is only allowed on the Router that launch() returned; "
                                "register there before copying it to workers")
-
-    def _segments(self, shard: int) -> int:
-        """How many key segments ``shard`` holds by this Router's layout (sent along; see ``Tag``)."""
-        return sum(len(segs) for segs in self._layout.shard_segments[shard].values())
 
     # ---- register ------------------------------------------------------
     def register(self, values: Mapping[str, np.ndarray]) -> None:
@@ -231,21 +210,11 @@ class Router:
 
     def tables(self) -> dict[str, dict]:
         """Per table: dim, dtype, rows, rows_per_shard, bytes (rows, optimizer state, index), settings. Blocks."""
-        stats = self.stats()
-        out = {}
-        for name, spec in self._layout.tables.items():
-            held = [s["tables"].get(name, {"rows": 0, "bytes": 0}) for s in stats]
-            config = spec.to_json()
-            out[name] = {"dim": spec.dim, "dtype": spec.dtype, "rows": sum(h["rows"] for h in held),
-                         "rows_per_shard": [h["rows"] for h in held], "bytes": sum(h["bytes"] for h in held),
-                         **{k: config[k] for k in ("initializer", "optimizer", "min_count", "max_rows")}}
-        return out
+        return table_stats(self._layout.tables, self.stats())
 
     def save(self, path, *, step: int = 0, keep: int = 2):
         """Checkpoint parameters, optimizer state and tables under folder ``path``; see
         :mod:`shardps.store.snapshot`. Blocks until written; returns the checkpoint's folder."""
-        from shardps.store import snapshot  # snapshot builds on the Router: imported when used
-
         return snapshot.save(self, path, step=step, keep=keep)
 
     # ---- push ----------------------------------------------------------
@@ -272,41 +241,19 @@ class Router:
                                [s for s, msg in enumerate(messages) if msg is not None], lambda replies: None,
                                wait=wait, timeout=timeout)
 
-    def _send_push(self, call: Callable, shards: list[int], finish: Callable, *,
-                   wait: bool, timeout: float | None, client: str | None = None, seq: int | None = None,
-                   floor: int | None = None, base_version: int | None = None):
-        """Number a push and send ``call(shard, tag)`` to ``shards``, all under the lock; a Handle or its result.
-
-        ``tag``: a :class:`~shardps.store.dedup.Tag`'s fields as a tuple. ``client``/``seq``/``floor``:
-        another numbering than this Router's own (sync steps).
-        """
+    def _send_push(self, call: Callable, shards: list[int], finish: Callable, *, wait: bool,
+                   timeout: float | None, step: int | None = None, base_version: int | None = None):
+        """Number a push and send ``call(shard, tag)`` to ``shards`` (see :class:`~shardps.store.dedup.Numbering`);
+        a Handle, or its result. ``tag``: a :class:`~shardps.store.dedup.Tag`'s fields as a plain tuple."""
         self._check_open()
-        with self._lock:
-            if seq is None:
-                self._forget_finished()
-                seq = next(self._seq)
-                floor = next(iter(self._pending), seq)  # every push below it has its answer
-            own = client is None
-            # sent as plain tuples: Ray pickles a NamedTuple by class (a tiny push took 0.04-0.06 ms longer)
-            tags = {s: tuple(Tag(client or self._client, seq, floor,
-                                 self._versions[s] if base_version is None else base_version, self._segments(s)))
-                    for s in shards}
-            handle = Handle([call(s, tags[s]) for s in shards], finish, on_done=(lambda: self._done(seq)) if own else None)
-            if own:
-                self._pending[seq] = handle
+
+        def send(client: str, seq: int, floor: int, on_done):
+            tags = [(client, seq, floor, self._versions[s] if base_version is None else base_version,
+                     self._layout.segment_count(s)) for s in shards]
+            return Handle([call(s, tag) for s, tag in zip(shards, tags)], finish, on_done=on_done)
+
+        handle = self._numbering.send(send, step=step)
         return handle.wait(timeout) if wait else handle
-
-    def _forget_finished(self) -> None:
-        """Drop the oldest pushes that have their answers (waited on or not), so the floor moves on."""
-        while self._pending:
-            seq, handle = next(iter(self._pending.items()))
-            if not handle.ready():
-                return
-            self._pending.pop(seq)
-
-    def _done(self, seq: int) -> None:
-        with self._lock:
-            self._pending.pop(seq, None)
 
     def push_mean(self, messages: list[list], *, step: int, base_version: int | None = None,
                   wait: bool = True, timeout: float | None = None):
@@ -323,8 +270,7 @@ class Router:
             return self._shards[s].push_mean.remote(tag, *messages[s])  # Ray resolves refs first
 
         return self._send_push(call, [s for s, msgs in enumerate(messages) if msgs], lambda acks: None,
-                               wait=wait, timeout=timeout, client=f"{self._client}/steps", seq=step, floor=step,
-                               base_version=base_version)
+                               wait=wait, timeout=timeout, step=step, base_version=base_version)
 
     def pack(self, values: Mapping[str, Any], rows: Mapping[str, tuple] | None = None) -> list[tuple | None]:
         """Validate ``values`` (and ``rows``, as :meth:`push`) and build one push message per shard
@@ -370,7 +316,7 @@ class Router:
         plan = wire_messages.plan_pull(self._layout, keys, rows)
         self._check_open()
         asked = [s for s, request in enumerate(plan.requests) if request is not None]
-        refs = [self._shards[s].pull.remote((self._segments(s), plan.requests[s])) for s in asked]
+        refs = [self._shards[s].pull.remote((self._layout.segment_count(s), plan.requests[s])) for s in asked]
         handle = Handle(refs, lambda replies: self._unpack(plan, asked, replies))
         return handle.wait(timeout) if wait else handle
 

@@ -101,6 +101,18 @@ class TableSpec:
             raise ValueError(f"table spec {str(data)[:120]}: {exc}") from None
 
 
+def table_stats(specs: dict[str, TableSpec], shard_stats: list[dict]) -> dict[str, dict]:
+    """Per table: its settings, and its rows and bytes summed over the shards' ``stats()``."""
+    out = {}
+    for name, spec in specs.items():
+        held = [s["tables"].get(name, {"rows": 0, "bytes": 0}) for s in shard_stats]
+        config = spec.to_json()
+        out[name] = {"dim": spec.dim, "dtype": spec.dtype, "rows": sum(h["rows"] for h in held),
+                     "rows_per_shard": [h["rows"] for h in held], "bytes": sum(h["bytes"] for h in held),
+                     **{k: config[k] for k in ("initializer", "optimizer", "min_count", "max_rows")}}
+    return out
+
+
 class Table:
     """A handle on one registered table (``ps.table(name)``): pull, push and count its rows.
 

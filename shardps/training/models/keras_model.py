@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shardps.training.models import tensorflow_start_up_silenced
+from shardps.training.models.tf_setup import tensorflow_start_up_silenced
 
 with tensorflow_start_up_silenced():
     import tensorflow as tf
