@@ -287,3 +287,35 @@ def test_split_undoes_join():
             np.testing.assert_array_equal(got, want)
         with pytest.raises(ValueError):
             split(wire, np.float32, [*sizes[:-1], sizes[-1] + 1])
+
+
+class _Restarting:
+    """Stands in for an actor method whose actor Ray restarts: unavailable ``failures`` times, then it answers."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+
+    def remote(self):
+        return self
+
+
+def test_wait_alive_polls_a_restart_times_out_with_timeout_error_and_waits_forever_on_none(monkeypatch):
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    from shardps.store import handle
+
+    def get(method, timeout=None):
+        if method == "gone":
+            raise RayActorError()
+        if method.failures:
+            method.failures -= 1
+            raise ActorUnavailableError("restarting", None)
+
+    monkeypatch.setattr(handle.ray, "get", get)
+    monkeypatch.setattr(handle.time, "sleep", lambda s: None)
+    handle.wait_alive(_Restarting(50), timeout=None)  # None: no deadline, however many polls
+    with pytest.raises(TimeoutError, match="within 0 s"):
+        handle.wait_alive(_Restarting(10**9), timeout=0)
+    gone = type("Gone", (), {"remote": lambda self: "gone"})()
+    with pytest.raises(shardps.ShardUnavailableError, match="gone"):
+        handle.wait_alive(gone)

@@ -114,7 +114,7 @@ def latest(path: str | os.PathLike) -> Path | None:
     return root / name
 
 
-def read(path: str | os.PathLike) -> tuple[dict, dict, dict]:
+def read(path: str | os.PathLike) -> "Checkpoint":
     """Load and check a checkpoint completely: a :class:`Checkpoint` ``(manifest, params, state, tables)``.
 
     ``params``: name -> array; ``state``: name -> {slot: array}. Nothing is

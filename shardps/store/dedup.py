@@ -13,9 +13,9 @@ per client, an exact record of the sequence numbers it applied:
 The client sends its floor (the lowest sequence number it still waits for)
 with every push, so the set above it only holds what is in flight: it stays
 as small as the client's window of unacknowledged pushes, whatever the
-order in which calls, re-sends and waits happen. (The earlier rule,
-"anything not above the highest applied is a duplicate", dropped a re-sent
-push that a later push had overtaken.)
+order in which calls, re-sends and waits happen. (The simpler rule
+"anything not above the highest applied is a duplicate" would drop a
+re-sent push that a later push had overtaken.)
 
 Clients come and go (every Router copy is one), so a shard keeps the records
 of the ``max_clients`` most recently seen clients only: a client silent for

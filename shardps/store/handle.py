@@ -81,24 +81,27 @@ RESTART_TIMEOUT_S = 120.0  # how long a restarting actor may take (process start
 
 
 def wait_alive(method, timeout: float | None = RESTART_TIMEOUT_S) -> None:
-    """Block until the actor behind ``method`` (e.g. ``worker.pid``) answers a call.
+    """Block until the actor behind ``method`` (e.g. ``shard.ping``) answers a call.
 
-    While Ray restarts an actor created without task retries, calls to it
-    fail at once with ``ActorUnavailableError``; this retries every 0.2 s.
+    While Ray restarts an actor, calls to it fail at once with
+    ``ActorUnavailableError``; this retries every 0.2 s.
 
     Raises:
-        ShardUnavailableError: the actor is dead for good, or not back within ``timeout`` seconds.
+        ShardUnavailableError: the actor is dead for good.
+        TimeoutError: it did not answer within ``timeout`` seconds (``None``: waits forever).
     """
-    deadline = time.monotonic() + (RESTART_TIMEOUT_S if timeout is None else timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
             ray.get(method.remote(), timeout=_left(deadline))
             return
         except ActorUnavailableError as exc:
-            if time.monotonic() >= deadline:
-                raise ShardUnavailableError(f"actor not back within {timeout} s: {exc}") from exc
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"actor not back within {timeout} s: {exc}") from exc
             time.sleep(0.2)  # polling a restart in progress
-        except (RayActorError, GetTimeoutError) as exc:
+        except GetTimeoutError as exc:
+            raise TimeoutError(f"actor did not answer within {timeout} s") from exc
+        except RayActorError as exc:
             raise ShardUnavailableError(f"actor is gone: {exc}") from exc
 
 

@@ -137,7 +137,8 @@ class Router:
     def wait_available(self, timeout: float | None = RESTART_TIMEOUT_S) -> None:
         """Block until every shard answers (a shard that Ray is restarting, once it is back).
 
-        Raises ``ShardUnavailableError``: a shard is gone for good, or not back within ``timeout`` s.
+        Raises ``ShardUnavailableError`` (a shard is gone for good) or ``TimeoutError`` (not back within
+        ``timeout`` seconds; ``None`` waits forever).
         """
         for shard in self._shards:
             wait_alive(shard.ping, timeout)

@@ -8,9 +8,9 @@ in contiguous shares of equal size. numpy releases the GIL inside its loops,
 so the threads run at once; the result is bit-identical to one thread's
 (every element sees the same operations in the same order).
 
-Measured on the 2-core machine, one update in-process, 1 vs 2 threads:
-100 MB add 4.7 -> 2.6 ms, Adam 33 -> 19 ms, Adagrad 24 -> 13 ms; 13 MB add
-0.38 -> 0.25 ms; 4 MB add 0.083 -> 0.104 ms (handing work to a thread costs
+Measured on the 2-core machine, one update in-process, on one thread / two:
+100 MB add 4.7 / 2.6 ms, Adam 33 / 19 ms, Adagrad 24 / 13 ms; 13 MB add
+0.38 / 0.25 ms; 4 MB add 0.083 / 0.104 ms (handing work to a thread costs
 ~20 us: small updates stay on one thread).
 
 A piece's gradient may be several arrays (sync training: one per worker):

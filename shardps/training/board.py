@@ -2,7 +2,7 @@
 
 ``Board(logdir, config)`` opens one run folder per run (``<logdir>/<time>-<mode>-<shards>s``);
 ``board.write(step, {tag: value})`` adds scalars at a step; ``close()`` flushes. Watch with
-``tensorboard --logdir <logdir>`` (``pip install "shardps[tensorboard]"`` brings the viewer).
+``tensorboard --logdir <logdir>`` (the ``tensorboard`` package, a dependency of shardps, is the viewer).
 """
 from __future__ import annotations
 

@@ -82,6 +82,6 @@ class Mirror:
             ray.get(self._replica.adopt.remote(*export()))
             self.resyncs += 1
             self.in_sync = True
-        except (RayError, ShardUnavailableError) as exc:
+        except (RayError, ShardUnavailableError, TimeoutError) as exc:
             log.error("shard %d lost its replica for good (%s): running without one", self.shard_id, exc)
             self._replica, self.state = None, "lost"
