@@ -1,4 +1,4 @@
-"""Embedding tables: rows/s and MB/s of pull_rows, push_rows and push_pull_rows vs shard count.
+"""Embedding tables: rows/s and MB/s of Table.pull, push and push_pull (labelled pull_rows, push_rows, push_pull_rows) vs shard count.
 
 Workload: Criteo-like batches of 4096 examples x 26 categorical fields; each
 field draws its ids Zipf(1.15) (or uniformly, the control) over its own

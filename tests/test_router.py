@@ -268,12 +268,16 @@ def test_large_pushes_sent_as_parts_match_oracle(make_ps, num_shards, opt):
 
 
 def test_message_bytes_counts_dense_data_and_table_rows():
-    from shardps.store.messages import message_bytes
+    from shardps.store.messages import message_bytes, pack_push, row_grads
+    from shardps.store.placement import HashPartitioner, Layout
+    from shardps.store.tables import TableSpec
 
+    layout = Layout(HashPartitioner(1), tables={name: TableSpec(name, 4) for name in "ab"})
+    layout.add("w", (300,), np.float32)
     ids, grads = np.arange(5, dtype=np.int64), np.ones((5, 4), np.float32)
-    message = ({"<f4": (None, np.ones(300, np.float32))}, {"a": (ids, grads), "b": (ids, grads)})
-    assert message_bytes(message) == 1200 + 2 * (40 + 80)
-    assert message_bytes(({}, {"a": (ids, grads)})) == 120
+    both = pack_push(layout, {"w": np.ones(300, np.float32)}, row_grads(layout, {"a": (ids, grads), "b": (ids, grads)}))
+    assert message_bytes(both[0]) == 1200 + 2 * (40 + 80)
+    assert message_bytes(pack_push(layout, {}, row_grads(layout, {"a": (ids, grads)}))[0]) == 120
     assert message_bytes(None) == 0
 
 
