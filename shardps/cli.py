@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from shardps.training.config import MODES, TrainConfig
+from shardps.training.config import MODES, TrainConfig, prepare_folders
 from shardps.training.data import DATASETS
 from shardps.training.models import MODELS
 from shardps.store.optim import OPTIMIZERS
@@ -48,7 +48,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--table-lr", type=float, default=d.table_lr, help="its learning rate")
     t.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help="width of the emb/<field> rows")
     t.add_argument("--min-count", type=int, default=d.min_count, help="pushes an id needs before it gets a row")
-    t.add_argument("--max-rows", type=int, help="rows per table at most; the least recently updated are evicted")
+    t.add_argument("--max-rows", type=int, help="rows per table at most (each shard keeps its share, max-rows // shards); "
+                   "the least recently updated are evicted")
     p.add_argument("--data-dir", help="folder with MNIST (IDX files or mnist.npz)")
     p.add_argument("--download", action="store_true", help="allow downloading MNIST if not found locally")
     p.add_argument("--staleness", type=int, help="ssp: max steps a worker may lead the slowest (default 2)")
@@ -77,7 +78,9 @@ def _config_from(args, parser) -> TrainConfig:
     """The run's TrainConfig; bad values exit 2 with TrainConfig's message, its field names as this CLI's flags."""
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     try:
-        return TrainConfig(**fields)
+        config = TrainConfig(**fields)
+        prepare_folders(config)
+        return config
     except ValueError as exc:
         flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
         parser.error(re.sub(r"(?:Argument )?`(\w+)`", lambda m: flags.get(m[1], m[0]), str(exc)))

@@ -20,6 +20,7 @@ from tests.procs import descendants
     ["train", "--max-restarts", "-1"], ["train", "--replicas", "2", "--max-restarts", "0"],
     ["train", "--epochs", "inf"], ["train", "--epochs", "nan"], ["train", "--num-cpus", "-1"],
     ["train", "--checkpoint-dir", __file__],  # a file, not a folder
+    ["train", "--checkpoint-dir", f"{__file__}/ckpt"], ["train", "--logdir", f"{__file__}/runs"],  # uncreatable
     ["train", "--model", "widedeep", "--dataset", "digits"], ["train", "--dataset", "ctr"],
     ["train", "--model", "widedeep", "--min-count", "0"], ["train", "--model", "widedeep", "--embedding-dim", "0"],
     ["train", "--model", "widedeep", "--max-rows", "0"], ["train", "--model", "widedeep", "--table-lr", "nan"],

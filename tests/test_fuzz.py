@@ -183,3 +183,79 @@ def test_push_rows_accepts_exactly_the_valid_pushes_and_matches_the_oracle(table
     np.testing.assert_array_equal(ps.table("t").pull(PROBE), oracle.pull(PROBE))
     if len(ids):
         np.testing.assert_array_equal(ps.table("t").pull(ids), oracle.pull(ids))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.one_of(st.text(max_size=3), st.lists(st.integers(), max_size=3), st.integers(), st.just(()),
+                      st.dictionaries(st.one_of(st.just("t"), st.text(max_size=2), st.integers()), values(),
+                                      min_size=1, max_size=2)))
+def test_rows_argument_gets_documented_errors_and_changes_nothing(table_store, rows):
+    """``rows=`` must map tables to (ids, grads) pairs (push) or ids (pull); anything else is refused."""
+    ps, _ = table_store
+    before = ps.table("t").pull(PROBE)
+    with pytest.raises(DOCUMENTED):
+        ps.push({}, rows=rows)  # never a mapping of (ids, grads) pairs: values() makes no tuples
+    np.testing.assert_array_equal(ps.table("t").pull(PROBE), before)
+    try:
+        got = ps.pull([], rows=rows)
+    except DOCUMENTED:
+        pass
+    else:  # a mapping of "t" to 1-D integer ids
+        assert list(got) == ["t"] and got["t"].shape == (len(rows["t"]), TABLE_DIM)
+    np.testing.assert_array_equal(ps.table("t").pull(PROBE), before)
+
+
+table_args = st.fixed_dictionaries({
+    "name": st.one_of(st.text(max_size=3), st.integers(), st.none(), st.just("t")),
+    "dim": st.one_of(st.integers(-2, 5), st.just(2**40), st.floats(0, 3), st.text(max_size=1)),
+}, optional={
+    "initializer": st.sampled_from([None, shardps.Zeros(), shardps.Uniform(-1, 1), "uniform", 3]),
+    "optimizer": st.sampled_from([None, shardps.Adagrad(lr=0.1), shardps.FTRL(lr=0.1), "adam",
+                                  shardps.Momentum(lr=0.1), shardps.SGD]),
+    "dtype": st.sampled_from([np.float32, np.float64, np.int8, "nope", None]),
+    "min_count": st.one_of(st.integers(-1, 300), st.just(True)),
+    "max_rows": st.one_of(st.none(), st.integers(-1, 5), st.just(2.5)),
+    "seed": st.one_of(st.integers(-2, 3), st.just("s")),
+})
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(args=table_args)
+def test_register_table_gets_documented_errors_or_a_table_of_that_dim(table_store, args):
+    ps, _ = table_store
+    before = ps.tables()
+    try:
+        table = ps.register_table(**args)
+    except DOCUMENTED:
+        assert ps.tables() == before  # nothing registered anywhere
+        return
+    assert args["name"] not in before and table.stats()["dim"] == args["dim"]
+    assert table.pull(np.array([7])).shape == (1, args["dim"])
+
+
+json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 2**40), st.floats(allow_nan=False),
+                                     st.text(max_size=3)),
+                           lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                      max_size=2), max_leaves=4)
+TABLE_FIELDS = ["name", "dim", "dtype", "initializer", "optimizer", "seed", "min_count", "max_rows", "rows",
+                "count_slots"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(TABLE_FIELDS), value=json_values, drop=st.booleans())
+def test_a_mangled_table_manifest_entry_reads_back_whole_or_raises_value_error(tmp_path_factory, field, value, drop):
+    """No other exception, no allocation beyond the file; what reads back is a table the shards can load."""
+    from shardps.store import checkpoint
+    from shardps.store.tables import TableSpec
+    from tests.ckpt import edit_manifest, write
+
+    folder = write(tmp_path_factory.mktemp("ckpt"))
+    edit_manifest(folder, lambda m: m["tables"][0].pop(field) if drop else m["tables"][0].update({field: value}))
+    try:
+        saved = checkpoint.read(folder)
+    except ValueError:
+        return
+    entry = saved.manifest["tables"][0]
+    spec = TableSpec.from_json(entry)
+    rows = saved.tables[spec.name]
+    assert rows["params"].shape == (entry["rows"], spec.dim) and len(np.unique(rows["ids"])) == entry["rows"]

@@ -80,3 +80,37 @@ def test_phase_timings_skip_a_worker_that_died_after_its_last_step(ray_session):
     crew = object.__new__(Crew)  # only its actors matter here
     crew.actors = [alive, dead]
     assert crew.phases_ms_per_step() == {"compute": 50.0}
+
+
+class _Remote:
+    """A stand-in for an actor method: ``.remote(*args)`` returns ``value(*args)`` as its 'ref'."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def remote(self, *args, **kwargs):
+        return self.value(*args, **kwargs)
+
+
+def test_async_evaluates_the_last_step_once_with_its_losses(monkeypatch):
+    """Every worker has reported its last step but its run() has not returned yet: the driver must not
+    evaluate the last step then and again after the runs return (with no losses left: loss=nan)."""
+    from types import SimpleNamespace
+
+    from shardps.training import async_
+
+    progress = iter([{"done": [3, 3], "losses": [0.5, 0.4], "max_lead": 1},  # all steps reported, runs pending
+                     {"done": [3, 3], "losses": [], "max_lead": 1},  # the runs returned
+                     {"done": [3, 3], "losses": [], "max_lead": 1}])  # final
+    polls = iter([[], ["run-0", "run-1"]])
+    fake_ray = SimpleNamespace(wait=lambda refs, num_returns, timeout: (next(polls), None),
+                               get=lambda ref: next(progress) if ref == "progress" else None)
+    monkeypatch.setattr(async_, "ray", fake_ray)
+    workers = [SimpleNamespace(run=_Remote(lambda *a, i=i, **k: f"run-{i}")) for i in range(2)]
+    crew = SimpleNamespace(actors=workers, clock=SimpleNamespace(progress=_Remote(lambda: "progress")))
+    config = SimpleNamespace(bound=None, max_inflight=2, prefetch=True, eval_every=3)
+    calls = []
+    async_.run_async(None, crew, 0, 3, lambda step, losses, evaluate_now, total: calls.append(
+        (step, list(losses), evaluate_now)), config, None)
+    assert [c for c in calls if c[2]] == [(3, [0.5, 0.4], True)]
+    assert all(step < 3 for step, _, due in calls if not due)

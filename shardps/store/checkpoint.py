@@ -36,8 +36,8 @@ from typing import NamedTuple
 import numpy as np
 
 from shardps.store.dedup import AppliedRecord
-from shardps.store.optim import optimizer_config, optimizer_from_config
-from shardps.store.initializers import initializer_from_config
+from shardps.store.optim import check_state, optimizer_from_config
+from shardps.store.tables import COUNT_SLOTS, TableSpec
 
 FORMAT, VERSION = "shardps-checkpoint", 2  # 2: store id, exact applied-push records (1 is still read)
 _LATEST = "LATEST"
@@ -140,7 +140,28 @@ def read(path: str | os.PathLike) -> "Checkpoint":
     state = {key["name"]: {slot: stored[f"s{i}.{slot}"] for slot in slots} for i, key in enumerate(manifest["keys"])}
     tables = {table["name"]: {field[len(f"t{j}."):]: stored[field] for field in _table_members(j, table)}
               for j, table in enumerate(manifest.get("tables", []))}
+    _check_values(state, tables, arrays_path)
     return Checkpoint(manifest, params, state, tables)
+
+
+def _check_values(state: dict, tables: dict, where: Path) -> None:
+    """Raise ``ValueError`` naming ``where`` and the entry unless optimizer state and table rows are possible:
+    finite, sums of squares >= 0, table ids unique, row step counts and update times >= 0."""
+    for key, slots in state.items():
+        for slot, values in slots.items():
+            if (why := check_state(slot, values)) is not None:
+                raise ValueError(f"{where}: optimizer state {slot!r} of key {key!r} {why}")
+    for name, rows in tables.items():
+        if not np.isfinite(rows["params"]).all():
+            raise ValueError(f"{where}: rows of table {name!r} hold NaN or Inf")
+        for field in (f for f in rows if f.startswith("slot.")):
+            if (why := check_state(field[5:], rows[field])) is not None:
+                raise ValueError(f"{where}: optimizer state {field[5:]!r} of table {name!r} {why}")
+        for field in ("steps", "touched"):
+            if rows[field].size and rows[field].min() < 0:
+                raise ValueError(f"{where}: table {name!r}: negative {field}")
+        if len(np.unique(rows["ids"])) != len(rows["ids"]):
+            raise ValueError(f"{where}: table {name!r} holds an id twice")
 
 
 class Checkpoint(NamedTuple):
@@ -183,7 +204,7 @@ def _read_manifest(path: Path) -> dict:
     _check_manifest(manifest, path)
     try:
         optimizer_from_config(manifest["optimizer"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"{path}: invalid manifest: optimizer {manifest['optimizer']!r:.120}: {exc}") from exc
     return manifest
 
@@ -192,8 +213,9 @@ def _read_arrays(path: Path, wanted: dict[str, tuple[str, tuple, np.dtype]]) -> 
     """The ``wanted`` members of the npz at ``path``, each checked against its (key, shape, dtype) first."""
     _regular_file(path)
     total = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, shape, dtype in wanted.values())
-    if total > _memory_bytes():
-        raise ValueError(f"{path}: the manifest declares {total} bytes of arrays, more than this machine's memory")
+    if total > path.stat().st_size:  # members are stored uncompressed (np.savez): data <= the file
+        raise ValueError(f"{path}: the manifest declares {total} bytes of arrays, more than the file holds "
+                         f"({path.stat().st_size})")
     headers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     out = {}
     try:
@@ -203,6 +225,8 @@ def _read_arrays(path: Path, wanted: dict[str, tuple[str, tuple, np.dtype]]) -> 
                 nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
                 if info is None or not nbytes < info.file_size <= nbytes + 4096:  # a .npy header is < 4 KiB
                     raise ValueError(f"array {member} for key {key!r} is missing or not of {shape} {dtype}")
+                if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                    raise ValueError(f"array {member} for key {key!r} is compressed: np.savez writes it plain")
                 with archive.open(info) as f:  # the header only: shape, order, dtype
                     read_header = headers.get(np.lib.format.read_magic(f))
                     got = read_header(f) if read_header else None
@@ -213,10 +237,6 @@ def _read_arrays(path: Path, wanted: dict[str, tuple[str, tuple, np.dtype]]) -> 
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise ValueError(f"{path}: corrupt, truncated or not matching its manifest: {exc}") from exc
     return out
-
-
-def _memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _check_manifest(m, where: Path) -> None:
@@ -259,10 +279,13 @@ def _check_manifest(m, where: Path) -> None:
     if not isinstance(keys, list) or not (keys or tables):
         bad("no keys")
     names = set()
+    for entry in [*keys, *tables]:  # one name, one key or table
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or name in names or not _utf8(name):
+            bad(f"{'key' if entry in keys else 'table'} entry {str(entry)[:80]}: its name is missing, "
+                f"not valid UTF-8 or used twice")
+        names.add(name)
     for key in keys:
-        if not isinstance(key, dict) or not isinstance(key.get("name"), str) or not key["name"] or key["name"] in names:
-            bad(f"key entry {str(key)[:80]}")
-        names.add(key["name"])
         shape = key.get("shape")
         if not isinstance(shape, list) or len(shape) > 32 or not all(_is_count(d) and d > 0 for d in shape):
             bad(f"shape of {key['name']!r}: {shape!r:.80}")
@@ -273,19 +296,22 @@ def _check_manifest(m, where: Path) -> None:
 
 
 def _check_table(t: dict, bad) -> None:
-    """Raise through ``bad`` unless ``t`` is a well-formed table entry."""
-    ok = (isinstance(t.get("name"), str) and t["name"] and t.get("dtype") in _FLOATS
-          and all(_is_count(t.get(f)) for f in ("dim", "seed", "min_count", "rows", "count_slots"))
-          and t["dim"] >= 1 and 1 <= t["min_count"] <= 255 and t["count_slots"] <= 1 << 30
-          and (t.get("max_rows") is None or _is_count(t["max_rows"]) and t["max_rows"] >= 1)
-          and isinstance(t.get("initializer"), dict) and isinstance(t.get("optimizer"), dict))
-    if not ok:
-        bad(f"table entry {str(t)[:120]}")
+    """Raise through ``bad`` unless ``t`` is a table entry this shardps could have written."""
     try:
-        initializer_from_config(t["initializer"])
-        optimizer_from_config(t["optimizer"])
-    except (TypeError, ValueError) as exc:
-        bad(f"table {t['name']!r}: {exc}")
+        spec = TableSpec.from_json(t)
+    except ValueError as exc:
+        bad(f"table entry {str(t)[:120]}: {exc}")
+    if not _is_count(t.get("rows")) or t.get("count_slots") != (0 if spec.min_count == 1 else COUNT_SLOTS):
+        bad(f"table {spec.name!r}: rows {t.get('rows')!r:.20} or count_slots {t.get('count_slots')!r:.20} "
+            f"(with min_count {spec.min_count}: {0 if spec.min_count == 1 else COUNT_SLOTS})")
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can spell
+        return False
+    return True
 
 
 def _is_count(value) -> bool:

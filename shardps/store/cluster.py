@@ -17,6 +17,7 @@ from shardps.store.placement import DEFAULT_BLOCK_BYTES, HashPartitioner, Layout
 from shardps.store.router import Router
 from shardps.store.shard.actor import ParameterShard
 from shardps.store.shard.recovery import replication_restarts
+from shardps.store.tables import TableSpec
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +266,12 @@ def launch_from(saved: checkpoint.Checkpoint, *, num_shards: int | None = None, 
     """:func:`restore` from what :func:`shardps.store.checkpoint.read` returned. The new store keeps the
     checkpoint's id."""
     manifest = saved.manifest
+    num_shards = num_shards or manifest["num_shards"]
+    for entry in manifest["tables"]:  # a max_rows that leaves a shard no row: refused before anything starts
+        TableSpec.from_json(entry).for_shard(num_shards)
     launch_kwargs.setdefault("block_bytes", manifest["block_bytes"])
     launch_kwargs.setdefault("store_id", manifest.get("store"))
-    ps = launch(num_shards or manifest["num_shards"], optimizer=optimizer_from_config(manifest["optimizer"]),
-                **launch_kwargs)
+    ps = launch(num_shards, optimizer=optimizer_from_config(manifest["optimizer"]), **launch_kwargs)
     try:
         snapshot.load(ps, saved)
     except BaseException:

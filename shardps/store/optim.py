@@ -202,6 +202,16 @@ class FTRL:
 
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adagrad": Adagrad, "ftrl": FTRL}
+NONNEGATIVE_SLOTS = {"v", "accumulator", "sum_sq"}  # sums of squares: a negative one turns updates into NaN
+
+
+def check_state(slot: str, values: np.ndarray) -> str | None:
+    """Why optimizer state ``values`` of ``slot`` cannot be right (not finite, a sum of squares below 0), or None."""
+    if not np.isfinite(values).all():
+        return "holds NaN or Inf"
+    if slot in NONNEGATIVE_SLOTS and values.size and values.min() < 0:
+        return "holds negative values (a sum of squares)"
+    return None
 
 
 def optimizer_config(opt) -> dict:

@@ -221,8 +221,9 @@ def shard_of_ids(ids: np.ndarray, name: str, num_shards: int) -> np.ndarray:
 
 
 def rows_per_shard(max_rows: int | None, num_shards: int) -> int | None:
-    """Each shard's share of a table's ``max_rows``: ceil(max_rows / num_shards) (None: no limit)."""
-    return None if max_rows is None else -(-max_rows // num_shards)
+    """Each shard's share of a table's ``max_rows``: ``max_rows // num_shards``, so that the shards together
+    never hold more than ``max_rows`` (None: no limit)."""
+    return None if max_rows is None else max_rows // num_shards
 
 
 def slice_rows(rows: dict, name: str, shard: int, num_shards: int) -> dict:

@@ -18,6 +18,9 @@ from shardps.store.optim import Adagrad, optimizer_config, optimizer_from_config
 from shardps.store.placement import rows_per_shard
 
 MAX_MIN_COUNT = 255  # admission counters are 8 bits
+COUNT_SLOTS = 1 << 20  # admission counters per shard (1 MiB) when min_count > 1
+MAX_DIM = 1 << 16  # values per row; a wider vector belongs in a dense key
+MAX_ROWS_PER_SHARD = 1 << 31  # the row index numbers a shard's rows with int32
 
 
 def _is_count(value, low: int) -> bool:
@@ -28,9 +31,10 @@ def _is_count(value, low: int) -> bool:
 class TableSpec:
     """A table's definition: checked once here, stored in checkpoints as :meth:`to_json`.
 
-    ``max_rows``: rows of the whole table at most; each of S shards keeps at
-    most ``ceil(max_rows / S)`` (:meth:`for_shard`), evicting the least
-    recently updated.
+    ``max_rows``: rows of the whole table at most. Each of S shards keeps at
+    most its share, ``max_rows // S`` rows (:meth:`for_shard`), evicting its
+    least recently updated ones, so the table never holds more than
+    ``max_rows``, also after a restore into another shard count.
 
     Raises:
         ValueError: a bad name, dim, dtype, seed, min_count or max_rows, an
@@ -57,6 +61,8 @@ class TableSpec:
         for arg in ("dim", "min_count"):
             if not _is_count(getattr(self, arg), 1):
                 raise ValueError(f"Argument `{arg}` must be an integer >= 1. Received: {getattr(self, arg)!r}")
+        if self.dim > MAX_DIM:
+            raise ValueError(f"Argument `dim` must be at most {MAX_DIM} values per row. Received: {self.dim}")
         if self.min_count > MAX_MIN_COUNT:
             raise ValueError(f"Argument `min_count` must be at most {MAX_MIN_COUNT} (8-bit counters). "
                              f"Received: {self.min_count}")
@@ -77,8 +83,15 @@ class TableSpec:
             raise ValueError("Momentum is not supported for embedding tables: use SGD, Adagrad, Adam or FTRL")
 
     def for_shard(self, num_shards: int) -> dict:
-        """What one of ``num_shards`` shards is sent (:meth:`to_json`, ``max_rows`` its own cap)."""
-        return {**self.to_json(), "max_rows": rows_per_shard(self.max_rows, num_shards)}
+        """What one of ``num_shards`` shards is sent (:meth:`to_json`, ``max_rows`` its own cap).
+
+        Raises ``ValueError`` when ``max_rows`` leaves a shard no row or more than one shard can index.
+        """
+        cap = rows_per_shard(self.max_rows, num_shards)
+        if cap is not None and not 1 <= cap <= MAX_ROWS_PER_SHARD:
+            raise ValueError(f"table {self.name!r}: Argument `max_rows` must give each of {num_shards} shards "
+                             f"between 1 and {MAX_ROWS_PER_SHARD} rows (max_rows // shards). Received: {self.max_rows}")
+        return {**self.to_json(), "max_rows": cap}
 
     def to_json(self) -> dict:
         """A JSON-safe dict (initializer and optimizer as their configs); :meth:`from_json` reads it."""
@@ -89,7 +102,10 @@ class TableSpec:
 
     @classmethod
     def from_json(cls, data: dict) -> "TableSpec":
-        """The spec :meth:`to_json` wrote. Raises ``ValueError`` (also for missing or unknown fields)."""
+        """The spec :meth:`to_json` wrote (other fields, as a checkpoint's ``rows``, are ignored).
+
+        Raises ``ValueError`` for missing fields or bad values.
+        """
         fields = ("name", "dim", "dtype", "initializer", "optimizer", "seed", "min_count", "max_rows")
         if not isinstance(data, dict) or any(f not in data for f in fields):
             raise ValueError(f"a table spec needs the fields {fields}. Received: {str(data)[:120]}")
@@ -97,7 +113,7 @@ class TableSpec:
             return cls(data["name"], data["dim"], initializer_from_config(data["initializer"]),
                        optimizer_from_config(data["optimizer"]), data["dtype"], data["seed"], data["min_count"],
                        data["max_rows"])
-        except TypeError as exc:
+        except (TypeError, OverflowError) as exc:  # values of the wrong type, or numbers beyond float
             raise ValueError(f"table spec {str(data)[:120]}: {exc}") from None
 
 

@@ -31,7 +31,7 @@ def run_async(ps, crew, start: int, steps: int, on_step, config,
                                      prefetch=config.prefetch and config.bound is None)
 
     runs = {launch_run(i, 0): i for i in range(len(workers))}
-    next_eval, losses = start + config.eval_every, []
+    next_eval, losses, last_losses = start + config.eval_every, [], []
     while runs:
         ready, _ = ray.wait(list(runs), num_returns=1, timeout=_POLL_S)
         progress = ray.get(clock.progress.remote())
@@ -45,11 +45,12 @@ def run_async(ps, crew, start: int, steps: int, on_step, config,
                 runs[launch_run(i, progress["done"][i])] = i
         losses.extend(progress["losses"])
         step = start + sum(progress["done"]) / len(workers)
-        due = step >= next_eval and bool(runs)
-        on_step(step, losses, evaluate_now=due, total=steps)
+        due = next_eval <= step < steps  # the last step is evaluated once, below, when every worker returned
+        if step < steps:
+            on_step(step, losses, evaluate_now=due, total=steps)
         if due:
-            next_eval, losses = next_eval + config.eval_every, []
+            next_eval, losses, last_losses = next_eval + config.eval_every, [], losses or last_losses
     final = ray.get(clock.progress.remote())
     losses.extend(final["losses"])
-    on_step(steps, losses, evaluate_now=True, total=steps)
+    on_step(steps, losses or last_losses, evaluate_now=True, total=steps)  # no loss since: the last window's
     return final["max_lead"]

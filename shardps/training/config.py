@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 
 from shardps.training.data import DATASETS
@@ -10,6 +11,7 @@ from shardps.training.models import MODELS
 from shardps.store.shard.recovery import replication_restarts
 from shardps.store.optim import OPTIMIZERS
 from shardps.store.placement import DEFAULT_BLOCK_BYTES
+from shardps.store.tables import MAX_MIN_COUNT
 
 MODES = ("sync", "async", "ssp")
 MODEL_DEFAULTS = {  # batch_size, lr and optimizer when not given
@@ -78,8 +80,11 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         if self.max_rows is not None:
             _positive_int("max_rows", self.max_rows)
-        if self.min_count > 255:
-            raise ValueError(f"Argument `min_count` must be at most 255. Received: {self.min_count}")
+            if self.max_rows < self.num_shards:  # each shard keeps max_rows // num_shards
+                raise ValueError(f"Argument `max_rows` must be at least `num_shards` ({self.num_shards}): each shard "
+                                 f"keeps max_rows // num_shards rows. Received: {self.max_rows}")
+        if self.min_count > MAX_MIN_COUNT:
+            raise ValueError(f"Argument `min_count` must be at most {MAX_MIN_COUNT}. Received: {self.min_count}")
         if not (isinstance(self.table_lr, (int, float)) and math.isfinite(self.table_lr) and self.table_lr > 0):
             raise ValueError(f"Argument `table_lr` must be a positive number. Received: {self.table_lr!r}")
         for name in ("num_shards", "num_workers", "batch_size", "max_inflight", "eval_every", "block_bytes"):
@@ -128,6 +133,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def prepare_folders(config: TrainConfig) -> None:
+    """Create ``checkpoint_dir`` and ``logdir`` (if given and missing) and check that files can be written in
+    them, so a bad folder fails before anything starts. Raises ``ValueError`` naming the argument."""
+    for name in ("checkpoint_dir", "logdir"):
+        path = getattr(config, name)
+        if path is None:
+            continue
+        try:
+            os.makedirs(path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise ValueError(f"Argument `{name}` must be a folder shardps can create and write. "
+                             f"Received: {path!r} ({exc.strerror or exc})") from None
 
 
 def _choice(name, value, allowed) -> None:

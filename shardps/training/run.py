@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 from shardps.store import checkpoint
 from shardps.store.cluster import launch, launch_from
-from shardps.training.config import TrainConfig
+from shardps.training.config import TrainConfig, prepare_folders
 from shardps.training.data import Dataset, load
 from shardps.training.models import build_model
 from shardps.store.optim import OPTIMIZERS
@@ -57,6 +57,7 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
         ValueError: bad config or data; FileNotFoundError: MNIST asked for and missing;
         TimeoutError: the cluster has no room for the shards or the workers.
     """
+    prepare_folders(config)
     data = load(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed,
                         embedding_dim=config.embedding_dim)

@@ -66,7 +66,7 @@ def shard_tables(manifest: dict, rows: dict, shard: int, num_shards: int) -> dic
     """One shard's part of a checkpoint's tables: ``{name: {"spec": what register_table sends, "rows"}}``."""
     out = {}
     for entry in manifest["tables"]:
-        spec = TableSpec.from_json({k: v for k, v in entry.items() if k not in ("rows", "count_slots")})
+        spec = TableSpec.from_json(entry)
         out[spec.name] = {"spec": spec.for_shard(num_shards),
                           "rows": slice_rows(rows[spec.name], spec.name, shard, num_shards)}
     return out

@@ -22,15 +22,19 @@ with their optimizer state; an evicted id comes back at its initial value.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from shardps.store.errors import ShardUnavailableError
 from shardps.store.ids import as_ids, mix64, name_salt, segment_sum
 from shardps.store.shard.index import RowIndex
-from shardps.store.tables import TableSpec
+from shardps.store.tables import COUNT_SLOTS, TableSpec
 from shardps.store.wire import all_finite, from_wire, rows_from_wire, to_wire
 
 _COUNTER_SALT = 0xC0FFEE  # admission counters hash ids apart from placement and the row index
+_CHUNK_IDS = 1 << 16  # ids per step of a large pull: its temporaries stay small beside the answer
+log = logging.getLogger(__name__)
 
 
 class EmbeddingTable:
@@ -48,7 +52,7 @@ class EmbeddingTable:
     """
 
     def __init__(self, name: str, dim: int, *, initializer, optimizer, dtype=np.float32, seed: int = 0,
-                 min_count: int = 1, max_rows: int | None = None, count_slots: int = 1 << 20):
+                 min_count: int = 1, max_rows: int | None = None, count_slots: int = COUNT_SLOTS):
         TableSpec(name, dim, initializer, optimizer, dtype, seed, min_count, max_rows)  # checks every argument
         self.name, self.dim, self.dtype = name, dim, np.dtype(dtype)
         self.initializer, self.optimizer, self.seed = initializer, optimizer, seed
@@ -87,6 +91,12 @@ class EmbeddingTable:
                 or np.shape(rows["steps"]) != (n,) or np.shape(rows["touched"]) != (n,) \
                 or np.shape(rows["counts"]) != self._counts.shape or len(np.unique(ids)) != n:
             raise ValueError(f"table {self.name!r}: saved rows do not fit (dim {self.dim}, slots {sorted(self._state)})")
+        if self.max_rows is not None and n > self.max_rows:  # restored into more shards: each holds less
+            log.warning("table %r: %d saved rows for a cap of %d on this shard: keeping the most recently "
+                        "updated", self.name, n, self.max_rows)
+            keep = np.sort(np.argsort(np.asarray(rows["touched"]), kind="stable")[n - self.max_rows:])
+            rows = {k: (v if k == "counts" else np.asarray(v)[keep]) for k, v in rows.items()}
+            ids, n = ids[keep], self.max_rows
         self._index = RowIndex()
         self._params = np.empty((0, self.dim), self.dtype)
         self._state = {name: np.empty((0, self.dim), self.dtype) for name in self._state}
@@ -111,17 +121,26 @@ class EmbeddingTable:
         return self._index.slots_used * per_row + self._index.nbytes + self._counts.nbytes
 
     def pull(self, ids) -> np.ndarray:
-        """``(len(ids), dim)`` rows; ids without a row get their initial value. Creates nothing."""
+        """``(len(ids), dim)`` rows; ids without a row get their initial value. Creates nothing.
+
+        Works through the ids in chunks, so the temporaries of a large pull
+        (lookups, initial values) stay small beside the answer.
+        """
         ids = as_ids(ids)
-        slots = self._index.lookup(ids)
-        have = slots >= 0
-        if have.any():
-            out = np.take(self._params, np.where(have, slots, 0), axis=0)
-        else:
-            out = np.empty((len(ids), self.dim), self.dtype)
-        if not have.all():
-            out[~have] = self.initializer.rows(ids[~have], self.dim, name=self.name, seed=self.seed, dtype=self.dtype)
+        out = np.empty((len(ids), self.dim), self.dtype)
+        for at in range(0, len(ids), _CHUNK_IDS):
+            chunk, part = ids[at:at + _CHUNK_IDS], out[at:at + _CHUNK_IDS]
+            slots = self._index.lookup(chunk)
+            have = slots >= 0
+            if have.any():
+                np.take(self._params, np.where(have, slots, 0), axis=0, out=part)
+            if not have.all():
+                part[~have] = self._initial(chunk[~have])
         return out
+
+    def _initial(self, ids: np.ndarray) -> np.ndarray:
+        """The initial rows of ``ids``."""
+        return self.initializer.rows(ids, self.dim, name=self.name, seed=self.seed, dtype=self.dtype)
 
     def push(self, ids, grads) -> None:
         """Apply one update: duplicate ids' gradients are summed, then applied once per row.
@@ -193,8 +212,8 @@ class EmbeddingTable:
         created = np.full(len(ids), -1, np.int64)
         slots = self._index.insert(ids[:room], checked=True)  # push() looked them up: absent, unique
         self._grow(int(slots.max()) + 1 if room else 0)
-        self._params[slots] = self.initializer.rows(ids[:room], self.dim, name=self.name, seed=self.seed,
-                                                    dtype=self.dtype)
+        for at in range(0, room, _CHUNK_IDS):
+            self._params[slots[at:at + _CHUNK_IDS]] = self._initial(ids[at:min(room, at + _CHUNK_IDS)])
         for buf in self._state.values():
             buf[slots] = 0
         self._steps[slots] = 0
