@@ -41,7 +41,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    help="server-side update rule for dense keys (default sgd; widedeep: adam)")
     p.add_argument("--model", choices=MODELS, default=d.model, help="widedeep: a CTR model on embedding tables")
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset,
-                   help="auto: MNIST if found locally, else digits (widedeep: ctr, synthetic click logs)")
+                   help="auto: MNIST if found locally, else digits (widedeep: ctr, synthetic click logs; "
+                        "criteo: Criteo-format logs at --data-dir)")
     t = p.add_argument_group("embedding tables (widedeep)")
     t.add_argument("--table-optimizer", choices=("adagrad", "adam", "ftrl", "sgd"), default=d.table_optimizer,
                    help="per-row update rule")
@@ -50,7 +51,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--min-count", type=int, default=d.min_count, help="pushes an id needs before it gets a row")
     t.add_argument("--max-rows", type=int, help="rows per table at most (each shard keeps its share, max-rows // shards); "
                    "the least recently updated are evicted")
-    p.add_argument("--data-dir", help="folder with MNIST (IDX files or mnist.npz)")
+    p.add_argument("--data-dir", help="mnist: folder with IDX files or mnist.npz; criteo: a file, glob or folder")
+    c = p.add_argument_group("Criteo-format click logs (--dataset criteo)")
+    c.add_argument("--test-data", help="held-out file(s) (default: the last --test-rows rows)")
+    c.add_argument("--test-rows", type=int, help="rows held out at the end for testing (default: 10 %%)")
+    c.add_argument("--skip-malformed", action="store_true", help="leave malformed lines out (counted) instead of failing")
     p.add_argument("--download", action="store_true", help="allow downloading MNIST if not found locally")
     p.add_argument("--staleness", type=int, help="ssp: max steps a worker may lead the slowest (default 2)")
     p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="async/ssp: unacknowledged pushes per worker")
@@ -133,8 +138,10 @@ def _run_train(args, parser) -> int:
         stale = f", staleness min/mean/max {st['min']}/{st['mean']:.2f}/{st['max']}" if st else ""
         quality = f"test accuracy {summary['final_accuracy']:.4f}"
         if "test_auc" in summary:
-            quality = (f"test logloss {summary['test_logloss']:.4f} auc {summary['test_auc']:.4f} (teacher "
-                       f"{summary['teacher_logloss']:.4f} / {summary['teacher_auc']:.4f}), {summary['table_rows']} rows")
+            teacher = (f" (teacher {summary['teacher_logloss']:.4f} / {summary['teacher_auc']:.4f})"
+                       if "teacher_auc" in summary else "")
+            quality = (f"test logloss {summary['test_logloss']:.4f} auc {summary['test_auc']:.4f}{teacher}, "
+                       f"{summary['table_rows']} rows")
         print(f"{config.mode}: {summary['steps']} steps on {summary['dataset']} with {config.num_shards} shards, "
               f"{config.num_workers} workers: {quality}, "
               f"{summary['wall_s']:.1f} s, {summary['samples_per_s']:.0f} samples/s{stale}")

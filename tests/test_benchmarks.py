@@ -140,3 +140,13 @@ def test_profile_push_smoke(ray_session):
     assert [r["system"] for r in rows] == ["baseline", "shardps 1 shard(s), add", "shardps 2 shard(s), add"]
     assert all(r["push_ms"] > 0 and r["in_server_ms"] > 0 for r in rows)
     assert ray.is_initialized()  # it left the shared Ray session running
+
+
+def test_criteo_read_benchmark_checks_its_reader_against_pandas_and_reports_both(tmp_path):
+    from benchmarks import criteo_read
+
+    criteo_read.main(["--rows", "300", "--rounds", "1", "--gzip", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "criteo_read.json").read_text())
+    assert {(r["file"], r["reader"]) for r in rows} == {(f, r) for f in ("clicks.txt", "clicks.txt.gz")
+                                                        for r in ("shardps criteo.read", "pandas + Python loop")}
+    assert all(r["rows_per_s"] > 0 for r in rows)

@@ -6,7 +6,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 
-from shardps.training.data import DATASETS
+from shardps.training.data import CLICK_DATASETS, DATASETS, FILE_DATASETS
 from shardps.training.models import MODELS
 from shardps.store.shard.recovery import replication_restarts
 from shardps.store.optim import OPTIMIZERS
@@ -39,7 +39,10 @@ class TrainConfig:
     optimizer: str | None = None  # server-side rule for dense keys, see shardps.store.optim (None: the model's)
     model: str = "cnn"  # the classic MNIST CNN
     dataset: str = "auto"  # MNIST if found locally, else digits; ctr for widedeep
-    data_dir: str | None = None  # where to look for MNIST first
+    data_dir: str | None = None  # where to look for MNIST first; criteo: its file(s)
+    test_data: str | None = None  # criteo: a held-out file; None: the last test_rows rows
+    test_rows: int | None = None  # criteo: rows held out at the end; None: 10 %
+    skip_malformed: bool = False  # criteo: leave malformed lines out (counted) instead of failing
     download: bool = False  # never touch the network unless asked
     staleness: int | None = None  # ssp only: max steps a worker may lead (default 2)
     scale_lr: bool = True  # sync: lr * num_workers, as the original example does
@@ -67,9 +70,18 @@ class TrainConfig:
         _choice("dataset", self.dataset, DATASETS)
         if self.model == "widedeep" and self.dataset == "auto":
             object.__setattr__(self, "dataset", "ctr")
-        if (self.model == "widedeep") != (self.dataset == "ctr"):
-            raise ValueError(f"Model 'widedeep' trains on dataset 'ctr' only, and 'ctr' needs model 'widedeep'. "
-                             f"Received model {self.model!r}, dataset {self.dataset!r}")
+        if (self.model == "widedeep") != (self.dataset in CLICK_DATASETS):
+            raise ValueError(f"Model 'widedeep' trains on click logs ({', '.join(CLICK_DATASETS)}), and they need "
+                             f"model 'widedeep'. Received model {self.model!r}, dataset {self.dataset!r}")
+        if self.data_dir is not None and self.dataset not in FILE_DATASETS:
+            raise ValueError(f"Argument `data_dir` is read by datasets {FILE_DATASETS} only, not {self.dataset!r}. "
+                             f"Received: {self.data_dir!r}")
+        if self.dataset == "criteo" and self.data_dir is None:
+            raise ValueError("Argument `data_dir` must name the Criteo file(s) (a file, a glob or a folder)")
+        if self.test_data is not None and self.dataset != "criteo":
+            raise ValueError(f"Argument `test_data` is read by dataset 'criteo' only. Received: {self.test_data!r}")
+        if self.test_rows is not None:
+            _positive_int("test_rows", self.test_rows)
         for name, value in MODEL_DEFAULTS[self.model].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)

@@ -16,7 +16,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("auto", "mnist", "digits", "synthetic", "ctr")
+DATASETS = ("auto", "mnist", "digits", "synthetic", "ctr", "criteo")
+FILE_DATASETS = ("auto", "mnist", "criteo")  # the datasets that read data_dir
+CLICK_DATASETS = ("ctr", "criteo")  # click logs: (ids, dense) examples for widedeep
 _IDX = {  # MNIST's four standard files
     "x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
     "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte",
@@ -43,10 +45,12 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-def load(name: str = "auto", *, data_dir: str | None = None, download: bool = False, seed: int = 0) -> Dataset:
+def load(name: str = "auto", *, data_dir: str | None = None, download: bool = False, seed: int = 0,
+         **criteo_options) -> Dataset:
     """Load a dataset by name (see :data:`DATASETS`).
 
     ``auto`` is MNIST when its files are found locally, else digits.
+    ``criteo`` reads ``data_dir`` (``criteo_options``: see :func:`load_criteo`).
 
     Raises:
         ValueError: unknown name.
@@ -71,6 +75,8 @@ def load(name: str = "auto", *, data_dir: str | None = None, download: bool = Fa
 
         *arrays, reference = ctr.generate(seed=seed)
         return Dataset("ctr", *arrays, 2, reference)
+    if name == "criteo":
+        return load_criteo(data_dir, **criteo_options)
     raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS}")
 
 
@@ -211,3 +217,30 @@ class Batches:
                 self._perms.pop(min(self._perms))
             self._perms[epoch] = np.random.default_rng([self._seed, epoch]).permutation(len(self.x))
         return self._perms[epoch]
+
+
+def load_criteo(path: str, *, test_data: str | None = None, test_rows: int | None = None,
+                skip_malformed: bool = False) -> Dataset:
+    """Criteo-format click logs (:mod:`shardps.training.criteo`) as a click dataset, read whole into memory.
+
+    The test set is ``test_data`` if given, else the last ``test_rows`` rows
+    (default: the last 10 %, at least one). Raises ``FileNotFoundError`` /
+    ``ValueError`` as :func:`criteo.read` does, and ``ValueError`` when
+    nothing is left to train on.
+    """
+    from shardps.training import criteo, ctr
+
+    train = criteo.read(path, skip_malformed=skip_malformed)
+    if train.skipped:
+        log.warning("left out %d malformed lines of %s", train.skipped, path)
+    x = np.empty(len(train.label), ctr.examples_dtype(criteo.NUM_CATEGORICAL, criteo.NUM_DENSE))
+    x["ids"], x["dense"] = train.ids, train.dense
+    if test_data is not None:
+        test = criteo.read(test_data, skip_malformed=skip_malformed)
+        x_test = np.empty(len(test.label), x.dtype)
+        x_test["ids"], x_test["dense"] = test.ids, test.dense
+        return Dataset("criteo", x, train.label, x_test, test.label, 2)
+    held = test_rows if test_rows is not None else max(1, len(x) // 10)
+    if held >= len(x):
+        raise ValueError(f"{path}: {len(x)} examples leave none to train on after holding out {held}")
+    return Dataset("criteo", x[:-held], train.label[:-held], x[-held:], train.label[-held:], 2)

@@ -58,7 +58,9 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
         TimeoutError: the cluster has no room for the shards or the workers.
     """
     prepare_folders(config)
-    data = load(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed)
+    data = load(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
+                **({"test_data": config.test_data, "test_rows": config.test_rows, "skip_malformed": config.skip_malformed}
+                   if config.dataset == "criteo" else {}))
     model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed,
                         embedding_dim=config.embedding_dim)
     steps = config.steps_for(len(data.x_train))
