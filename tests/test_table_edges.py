@@ -80,22 +80,21 @@ def test_a_huge_count_slots_is_refused_without_allocating_it(tmp_path):
     spec = TableSpec("t", DIM, min_count=2).to_json()
     folder = _write(tmp_path, tables={"t": (spec, _rows([1, 2], count_slots=COUNT_SLOTS))})
     _edit_manifest(folder, lambda m: m["tables"][0].update(count_slots=2**30))
-    tracemalloc.start()
-    try:
-        with pytest.raises(ValueError, match="count_slots"):
-            checkpoint.read(tmp_path)
-        assert tracemalloc.get_traced_memory()[1] < 50 << 20
-    finally:
-        tracemalloc.stop()
+    _refused_without_allocating(tmp_path, "count_slots")
 
 
 def test_declared_sizes_beyond_the_file_are_refused_before_anything_is_read(tmp_path):
     folder = _write(tmp_path)
     _edit_manifest(folder, lambda m: m["tables"][0].update(rows=10**8, dim=64))  # ~50 GB declared, 1 KB stored
+    _refused_without_allocating(tmp_path, "more than the file holds")
+
+
+def _refused_without_allocating(path, match: str) -> None:
+    """``checkpoint.read(path)`` raises ``ValueError`` matching ``match`` with less than 50 MB traced."""
     tracemalloc.start()
     try:
-        with pytest.raises(ValueError, match="more than the file holds"):
-            checkpoint.read(tmp_path)
+        with pytest.raises(ValueError, match=match):
+            checkpoint.read(path)
         assert tracemalloc.get_traced_memory()[1] < 50 << 20
     finally:
         tracemalloc.stop()
