@@ -150,3 +150,13 @@ def test_criteo_read_benchmark_checks_its_reader_against_pandas_and_reports_both
     assert {(r["file"], r["reader"]) for r in rows} == {(f, r) for f in ("clicks.txt", "clicks.txt.gz")
                                                         for r in ("shardps criteo.read", "pandas + Python loop")}
     assert all(r["rows_per_s"] > 0 for r in rows)
+
+
+def test_criteo_training_benchmark_trains_and_reports_each_configuration(ray_session, tmp_path):
+    from benchmarks import criteo_training
+
+    criteo_training.main(["--rows", "800", "--steps", "3", "--shards", "1", "2", "--modes", "async",
+                          "--rounds", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "criteo_training.json").read_text())
+    assert [(r["mode"], r["shards"]) for r in rows] == [("async", 1), ("async", 2)]
+    assert all(r["examples_per_s"] > 0 and r["table_rows"] > 0 and 0 <= r["test_auc"] <= 1 for r in rows)

@@ -126,6 +126,13 @@ def test_data_dir_is_never_silently_ignored(fields, match):
         TrainConfig(**fields)
 
 
+def test_auto_with_a_data_dir_reads_mnist_there_or_says_it_is_missing(tmp_path):
+    from shardps.training import data
+
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        data.load("auto", data_dir=str(tmp_path))  # not digits instead
+
+
 def _click_log(path, rows: int, seed: int = 0) -> None:
     """A learnable Criteo-format file: the label follows the first two categorical fields."""
     rng = np.random.default_rng(seed)

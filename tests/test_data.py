@@ -55,8 +55,11 @@ def test_missing_mnist_names_every_path_tried(tmp_path, monkeypatch):
 
 def test_auto_falls_back_to_digits_without_mnist(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    ds = data.load("auto", data_dir=str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ds = data.load("auto")
     assert ds.name == "digits" and len(ds.x_train) + len(ds.x_test) == 1797
+    with pytest.raises(FileNotFoundError):  # a data_dir given is read, never ignored
+        data.load("auto", data_dir=str(tmp_path))
 
 
 def test_auto_prefers_local_mnist(tmp_path, tiny_mnist):

@@ -191,9 +191,8 @@ class Router:
         """
         self._check_owner("register_table")
         self._check_open()
-        defaults = TableSpec(name="-", dim=1)
-        spec = TableSpec(name, dim, defaults.initializer if initializer is None else initializer,
-                         defaults.optimizer if optimizer is None else optimizer, dtype, seed, min_count, max_rows)
+        given = {k: v for k, v in (("initializer", initializer), ("optimizer", optimizer)) if v is not None}
+        spec = TableSpec(name, dim, dtype=dtype, seed=seed, min_count=min_count, max_rows=max_rows, **given)
         if name in self._layout.keys or name in self._layout.tables:
             raise ValueError(f"table name must be new (not a key or table). Received: {name!r}")
         sent = spec.for_shard(self.num_shards)

@@ -49,13 +49,17 @@ def load(name: str = "auto", *, data_dir: str | None = None, download: bool = Fa
          **criteo_options) -> Dataset:
     """Load a dataset by name (see :data:`DATASETS`).
 
-    ``auto`` is MNIST when its files are found locally, else digits.
+    ``auto`` is MNIST when its files are found locally, else digits; with a
+    ``data_dir`` it is MNIST from there (a folder given and not used would be
+    ignored silently).
     ``criteo`` reads ``data_dir`` (``criteo_options``: see :func:`load_criteo`).
 
     Raises:
         ValueError: unknown name.
         FileNotFoundError: ``mnist`` files missing (the message lists every path tried).
     """
+    if name == "auto" and data_dir is not None:
+        return load_mnist(data_dir, download=download)
     if name == "auto":
         try:
             data = load_mnist(data_dir)
