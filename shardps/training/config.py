@@ -66,22 +66,7 @@ class TrainConfig:
     max_rows: int | None = None  # rows per table at most (least recently updated evicted); None: no limit
 
     def __post_init__(self):
-        _choice("model", self.model, MODELS)
-        _choice("dataset", self.dataset, DATASETS)
-        if self.model == "widedeep" and self.dataset == "auto":
-            object.__setattr__(self, "dataset", "ctr")
-        if (self.model == "widedeep") != (self.dataset in CLICK_DATASETS):
-            raise ValueError(f"Model 'widedeep' trains on click logs ({', '.join(CLICK_DATASETS)}), and they need "
-                             f"model 'widedeep'. Received model {self.model!r}, dataset {self.dataset!r}")
-        if self.data_dir is not None and self.dataset not in FILE_DATASETS:
-            raise ValueError(f"Argument `data_dir` is read by datasets {FILE_DATASETS} only, not {self.dataset!r}. "
-                             f"Received: {self.data_dir!r}")
-        if self.dataset == "criteo" and self.data_dir is None:
-            raise ValueError("Argument `data_dir` must name the Criteo file(s) (a file, a glob or a folder)")
-        if self.test_data is not None and self.dataset != "criteo":
-            raise ValueError(f"Argument `test_data` is read by dataset 'criteo' only. Received: {self.test_data!r}")
-        if self.test_rows is not None:
-            _positive_int("test_rows", self.test_rows)
+        self._check_data()
         for name, value in MODEL_DEFAULTS[self.model].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -126,6 +111,25 @@ class TrainConfig:
                 raise ValueError(f"Argument `staleness` applies only to mode 'ssp'. Received mode {self.mode!r}")
             if not isinstance(self.staleness, int) or self.staleness < 0:
                 raise ValueError(f"Argument `staleness` must be an integer >= 0. Received: {self.staleness!r}")
+
+    def _check_data(self) -> None:
+        """The model, the dataset and the files it reads fit together (widedeep on click logs only)."""
+        _choice("model", self.model, MODELS)
+        _choice("dataset", self.dataset, DATASETS)
+        if self.model == "widedeep" and self.dataset == "auto":
+            object.__setattr__(self, "dataset", "ctr")
+        if (self.model == "widedeep") != (self.dataset in CLICK_DATASETS):
+            raise ValueError(f"Model 'widedeep' trains on click logs ({', '.join(CLICK_DATASETS)}), and they need "
+                             f"model 'widedeep'. Received model {self.model!r}, dataset {self.dataset!r}")
+        if self.data_dir is not None and self.dataset not in FILE_DATASETS:
+            raise ValueError(f"Argument `data_dir` is read by datasets {FILE_DATASETS} only, not {self.dataset!r}. "
+                             f"Received: {self.data_dir!r}")
+        if self.dataset == "criteo" and self.data_dir is None:
+            raise ValueError("Argument `data_dir` must name the Criteo file(s) (a file, a glob or a folder)")
+        if self.test_data is not None and self.dataset != "criteo":
+            raise ValueError(f"Argument `test_data` is read by dataset 'criteo' only. Received: {self.test_data!r}")
+        if self.test_rows is not None:
+            _positive_int("test_rows", self.test_rows)
 
     @property
     def bound(self) -> int | None:
