@@ -11,7 +11,7 @@ import importlib
 __all__ = [
     "launch", "restore", "Router", "Table", "Handle", "ShardUnavailableError",
     "SGD", "Momentum", "Adam", "Adagrad", "FTRL", "Zeros", "Uniform", "Normal",
-    "train", "TrainConfig", "History",
+    "train", "fit", "TrainConfig", "History", "keras",
 ]
 
 _HOME = {
@@ -19,11 +19,13 @@ _HOME = {
     "Table": "shardps.store.tables", "Handle": "shardps.store.handle", "ShardUnavailableError": "shardps.store.errors",
     **dict.fromkeys(("SGD", "Momentum", "Adam", "Adagrad", "FTRL"), "shardps.store.optim"),
     **dict.fromkeys(("Zeros", "Uniform", "Normal"), "shardps.store.initializers"),
-    "train": "shardps.training.run", "TrainConfig": "shardps.training.config", "History": "shardps.training.history",
+    "train": "shardps.training.run", "fit": "shardps.training.fit", "TrainConfig": "shardps.training.config", "History": "shardps.training.history",
 }
 
 
 def __getattr__(name):
+    if name == "keras":  # the Keras layer's module: importing it loads TensorFlow
+        return importlib.import_module("shardps.keras")
     if name in _HOME:
         return getattr(importlib.import_module(_HOME[name]), name)
     raise AttributeError(f"module 'shardps' has no attribute {name!r}")

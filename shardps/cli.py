@@ -39,7 +39,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-scale-lr", dest="scale_lr", action="store_false", help="sync: do not scale lr by workers")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS),
                    help="server-side update rule for dense keys (default sgd; widedeep: adam)")
-    p.add_argument("--model", choices=MODELS, default=d.model, help="widedeep: a CTR model on embedding tables")
+    p.add_argument("--model", default=d.model, metavar="{" + ",".join(MODELS) + ",module:function}",
+                   help="widedeep: a CTR model on embedding tables; module:function: your model function "
+                        "(returns a compiled keras.Model taking the dataset's inputs)")
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset,
                    help="auto: MNIST if found locally, else digits (widedeep: ctr, synthetic click logs; "
                         "criteo: Criteo-format logs at --data-dir)")
@@ -47,7 +49,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--table-optimizer", choices=("adagrad", "adam", "ftrl", "sgd"), default=d.table_optimizer,
                    help="per-row update rule")
     t.add_argument("--table-lr", type=float, default=d.table_lr, help="its learning rate")
-    t.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help="width of the emb/<field> rows")
+    t.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help="width of the emb table's rows")
     t.add_argument("--min-count", type=int, default=d.min_count, help="pushes an id needs before it gets a row")
     t.add_argument("--max-rows", type=int, help="rows per table at most (each shard keeps its share, max-rows // shards); "
                    "the least recently updated are evicted")
@@ -62,7 +64,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between test-accuracy checks")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations on the test set")
     p.add_argument("--checkpoint-dir", help="save checkpoints here (at the end, and every --checkpoint-every steps)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
@@ -105,9 +107,7 @@ class _Reporter:
     def __call__(self, event: dict) -> None:
         if not self._enabled:
             return
-        acc = f" acc={event['accuracy']:.4f}" if "accuracy" in event else ""
-        if "auc" in event:
-            acc = f" logloss={event['logloss']:.4f} auc={event['auc']:.4f}"
+        acc = "".join(f" {k}={v:.4f}" for k, v in event.items() if k.startswith("val_") and k != "val_loss")
         if self._bar is not None:
             self._bar.total = event["total"]
             self._bar.n = round(event["step"], 1)
@@ -136,7 +136,8 @@ def _run_train(args, parser) -> int:
     else:
         st = summary["staleness"]
         stale = f", staleness min/mean/max {st['min']}/{st['mean']:.2f}/{st['max']}" if st else ""
-        quality = f"test accuracy {summary['final_accuracy']:.4f}"
+        final = summary["final"]
+        quality = ", ".join(f"test {k[4:]} {v:.4f}" for k, v in final.items() if k.startswith("val_") and k != "val_loss")
         if "test_auc" in summary:
             teacher = (f" (teacher {summary['teacher_logloss']:.4f} / {summary['teacher_auc']:.4f})"
                        if "teacher_auc" in summary else "")

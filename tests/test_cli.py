@@ -110,7 +110,7 @@ def test_default_run_prints_progress_and_summary_only_and_writes_tensorboard(tmp
     (run,) = (tmp_path / "tb").iterdir()  # one folder per run
     tags = _events(run)
     assert tags["loss"] == list(range(1, 21))  # every sync step
-    for tag in ["test/accuracy", "samples_per_s", "staleness/min", "staleness/mean", "staleness/max",
+    for tag in ["val/accuracy", "val/loss", "samples_per_s", "staleness/min", "staleness/mean", "staleness/max",
                 *[f"shard{s}/{f}" for s in (0, 1) for f in ("bytes", "pushes", "pulls")]]:
         assert tags[tag] == [10, 20], tag  # every evaluation
 

@@ -9,10 +9,8 @@ import pytest
 
 from shardps.training import ctr
 from shardps.training.config import TrainConfig
-from shardps.training.data import Batches, load, worker_split
-from shardps.store.shard.rows import EmbeddingTable
-from shardps.store.optim import SGD
-from shardps.store.initializers import Uniform, Zeros
+from shardps.training.data import load
+from shardps.store.initializers import Uniform
 from shardps.training.run import train
 
 
@@ -47,13 +45,34 @@ def small_ctr(monkeypatch):
     return lambda **sizes: monkeypatch.setattr(ctr, "generate", functools.partial(_GENERATE, **sizes))
 
 
+def _plain_widedeep(fields: int, dense_features: int, dim: int, vocab: int):
+    """The built-in widedeep written with Keras's own full-vocabulary Embedding layers: the oracle."""
+    import keras
+
+    ids = keras.Input((fields,), dtype="int64", name="ids")
+    dense = keras.Input((dense_features,), name="dense")
+    emb = keras.layers.Embedding(vocab, dim, name="emb")(ids)
+    wide = keras.layers.Embedding(vocab, 1, name="wide")(ids)
+    h = keras.layers.Concatenate()([keras.layers.Flatten()(emb), dense])
+    h = keras.layers.Dense(64, activation="relu", name="deep1")(h)
+    h = keras.layers.Dense(32, activation="relu", name="deep2")(h)
+    logit = keras.layers.Add()([keras.layers.Dense(1, name="deep_out")(h), keras.ops.sum(wide, axis=1)])
+    return keras.Model({"ids": ids, "dense": dense}, logit)
+
+
 def test_sync_step_with_tables_equals_the_same_steps_in_one_process(ray_session, small_ctr):
+    """Oracle: Keras's own Embedding over the whole (small) vocabulary, updated by plain SGD in one process."""
+    import keras
+    import tensorflow as tf
+
+    from shardps.training.feed import Batches, as_columns, worker_split
+    from shardps.training.models import model_function
+    from shardps.training.replica import Replica
+
     small_ctr(num_train=600, num_test=200, vocab=40)  # 40 ids per field: many duplicates in a batch
     config = TrainConfig(model="widedeep", mode="sync", num_shards=3, num_workers=2, steps=3, batch_size=32,
                          optimizer="sgd", lr=0.1, table_optimizer="sgd", table_lr=0.5, embedding_dim=4, seed=5,
                          eval_every=100)  # SGD on rows too: Adagrad would not notice a wrong scale
-    from shardps.training.models.widedeep import WideDeepModel
-
     probe = np.arange(8 * 40)
     store, seen = {}, {}
 
@@ -63,34 +82,40 @@ def test_sync_step_with_tables_equals_the_same_steps_in_one_process(ray_session,
 
     history = train(config, progress=capture,
                     on_start=lambda ps, workers: store.update(ps=ps, tables=list(ps.layout.tables)))
+    assert sorted(seen) == ["emb", "wide"]
 
     data = load("ctr", seed=config.seed)
-    model = WideDeepModel(8, 4, embedding_dim=4, seed=config.seed)
-    dense = model.get_weights()
-    tables = {name: EmbeddingTable(name, dim, initializer=Uniform(-0.05, 0.05) if dim > 1 else Zeros(),
-                                   optimizer=SGD(lr=config.table_lr), seed=config.seed)
-              for name, dim in model.tables.items()}
+    model = _plain_widedeep(8, 4, 4, len(probe))
+    dense = Replica(model_function(config, data.input_shape, 2), seed=config.seed).get_weights()  # the run's start
+    tables = {"emb": Uniform(-0.05, 0.05).rows(probe, 4, name="emb", seed=5), "wide": np.zeros((len(probe), 1))}
+    variables = {v.path: v for v in model.trainable_variables}
+    loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
     parts = worker_split(len(data.x_train), config.num_workers, seed=config.seed)
-    batches = [Batches(data.x_train[idx], data.y_train[idx], config.batch_size, seed=config.seed * 1000 + i)
+    batches = [Batches(as_columns(data.x_train[idx]), data.y_train[idx], config.batch_size, seed=config.seed * 1000 + i)
                for i, idx in enumerate(parts)]
     for step in range(config.steps):
         grads = []
         for b in batches:
             x, y = b.batch(step)
-            model.set_weights({**dense, **{n: tables[n].pull(ids) for n, ids in model.rows_needed(x).items()}})
-            grads.append(model.compute_gradients(x, y)[0])
+            for path, v in variables.items():
+                v.assign(tables[path.split("/")[0]] if path.endswith("embeddings") else dense[path])
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x)[:, 0])  # the built-in model squeezes its output
+            grads.append({p: tf.convert_to_tensor(g).numpy()
+                          for p, g in zip(variables, tape.gradient(loss, list(variables.values())))})
         for key in dense:  # the mean over workers, lr scaled by the worker count
             dense[key] = dense[key] - config.lr * 2 * (grads[0][key] + grads[1][key]) / 2
-        for name, table in tables.items():  # each id's gradients summed over workers, then / W
-            ids = np.concatenate([g[name][0] for g in grads])
-            table.push(ids, np.concatenate([g[name][1] for g in grads]) / 2)
+        for name in tables:  # each id's gradients summed over workers, then / W; rows not scaled
+            tables[name] = tables[name] - config.table_lr * (grads[0][f"{name}/embeddings"] +
+                                                             grads[1][f"{name}/embeddings"]) / 2
 
     for key, expected in dense.items():
         np.testing.assert_allclose(history.weights[key], expected, rtol=1e-4, atol=1e-6, err_msg=key)
-    for name, table in tables.items():
-        np.testing.assert_allclose(seen[name], table.pull(probe), rtol=1e-4, atol=1e-6, err_msg=name)
-    assert history.table_rows and sum(history.table_rows.values()) == sum(len(t) for t in tables.values())
-    assert not np.allclose(seen["emb/0"], Uniform(-0.05, 0.05).rows(probe, 4, name="emb/0", seed=5))  # rows moved
+    for name, expected in tables.items():
+        np.testing.assert_allclose(seen[name], expected, rtol=1e-4, atol=1e-6, err_msg=name)
+    pushed = np.unique(np.concatenate([b.batch(s)[0]["ids"].ravel() for b in batches for s in range(config.steps)]))
+    assert history.table_rows == {"emb": len(pushed), "wide": len(pushed)}
+    assert not np.allclose(seen["emb"], Uniform(-0.05, 0.05).rows(probe, 4, name="emb", seed=5))  # rows moved
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "ssp"])
@@ -106,7 +131,7 @@ def test_each_mode_learns_close_to_the_teacher(ray_session, small_ctr, mode):
 
 def test_resume_brings_the_tables_back_into_another_shard_count(ray_session, small_ctr, tmp_path):
     small_ctr(num_train=4000, num_test=500)
-    probe = {f"emb/{f}": np.arange(f * 100_000, f * 100_000 + 50) for f in range(8)}
+    probe = {"emb": np.arange(0, 8 * 100_000, 100_000 // 8), "wide": np.arange(0, 8 * 100_000, 100_000 // 8)}
     store, rows = {}, {}
 
     def at_end(event):  # the first run's rows, as saved at its last step
@@ -125,7 +150,7 @@ def test_resume_brings_the_tables_back_into_another_shard_count(ray_session, sma
     assert resumed.start_step == 4 and set(resumed.table_rows) == set(first.table_rows)
     for name in probe:
         np.testing.assert_array_equal(rows["start"][name], rows["end"][name], err_msg=name)
-    assert not np.array_equal(rows["end"]["emb/0"], Uniform(-0.05, 0.05).rows(probe["emb/0"], 16, name="emb/0", seed=0))
+    assert not np.array_equal(rows["end"]["emb"], Uniform(-0.05, 0.05).rows(probe["emb"], 16, name="emb", seed=0))
 
 
 def test_sync_ctr_run_with_replicas_ends_bit_identical_after_a_shard_is_killed(ray_session, small_ctr):
@@ -133,7 +158,8 @@ def test_sync_ctr_run_with_replicas_ends_bit_identical_after_a_shard_is_killed(r
     applied once, so dense weights and rows match an undisturbed run bit for bit."""
     small_ctr(num_train=20_000, num_test=1000)
     config = TrainConfig(model="widedeep", num_shards=2, steps=30, replicas=2, seed=2, eval_every=1000)
-    probe = {name: np.arange(f * 100_000, f * 100_000 + 300) for f in range(8) for name in (f"emb/{f}", f"wide/{f}")}
+    ids = np.concatenate([np.arange(f * 100_000, f * 100_000 + 300) for f in range(8)])
+    probe = {"emb": ids, "wide": ids}
 
     def run(kill: bool):
         store, rows, killed = {}, {}, []

@@ -4,7 +4,7 @@ import gzip
 import numpy as np
 import pytest
 
-from shardps.training import data
+from shardps.training import data, feed
 
 
 def write_idx(path, array, compress):
@@ -79,14 +79,14 @@ def test_corrupt_idx_file_rejected(tmp_path, tiny_mnist):
 
 
 def test_worker_split_is_disjoint_complete_and_deterministic():
-    parts = data.worker_split(103, 4, seed=3)
+    parts = feed.worker_split(103, 4, seed=3)
     assert sorted(np.concatenate(parts).tolist()) == list(range(103))
-    assert all(np.array_equal(a, b) for a, b in zip(parts, data.worker_split(103, 4, seed=3)))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, feed.worker_split(103, 4, seed=3)))
 
 
 def test_batches_wrap_around_epochs_without_running_dry():
     x, y = np.arange(10.0), np.arange(10)
-    batches = data.Batches(x, y, 4, seed=0)
+    batches = feed.Batches(x, y, 4, seed=0)
     seen = np.concatenate([next(batches)[1] for _ in range(5)])  # 20 = two epochs
     assert sorted(seen.tolist()) == sorted(list(range(10)) * 2)
 
@@ -98,9 +98,9 @@ def test_unknown_dataset_rejected():
 
 def test_batches_random_access_matches_the_stream():
     x, y = np.arange(10.0), np.arange(10)
-    stream = data.Batches(x, y, 4, seed=3)
+    stream = feed.Batches(x, y, 4, seed=3)
     seen = [next(stream)[1] for _ in range(8)]  # 32 examples: into the fourth epoch
-    fresh = data.Batches(x, y, 4, seed=3)  # e.g. a restarted worker: jumps straight to any batch
+    fresh = feed.Batches(x, y, 4, seed=3)  # e.g. a restarted worker: jumps straight to any batch
     for k in (6, 0, 7, 2):
         np.testing.assert_array_equal(fresh.batch(k)[1], seen[k])
     flat = np.concatenate(seen)

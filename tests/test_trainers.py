@@ -4,8 +4,9 @@ import pytest
 import ray
 
 from shardps.training.config import TrainConfig
-from shardps.training.data import Batches, load_digits, worker_split
-from shardps.training.models import build_model
+from shardps.training.data import load_digits
+from shardps.training.feed import Batches, worker_split
+from shardps.training.models import model_function
 from shardps.training.run import train
 
 
@@ -15,16 +16,25 @@ def test_sync_equals_single_process_sgd_on_concatenated_batches(ray_session, num
                          lr=0.05, model="mlp", dataset="digits", block_bytes=4096, seed=7)
     history = train(config)
 
+    from shardps.keras import keras, tf
+    from shardps.training.replica import Replica
+
     data = load_digits(seed=config.seed)
-    model = build_model("mlp", data.input_shape, data.num_classes, seed=config.seed)
-    weights = initial = model.get_weights()
+    build = model_function(config, data.input_shape, data.num_classes)
+    weights = initial = Replica(build, seed=config.seed).get_weights()  # where the run started
+    model = build()  # the oracle: plain Keras, one process
+    variables = dict(zip(initial, model.trainable_variables))
     parts = worker_split(len(data.x_train), config.num_workers, seed=config.seed)
     batches = [Batches(data.x_train[idx], data.y_train[idx], config.batch_size, seed=config.seed * 1000 + i)
                for i, idx in enumerate(parts)]
-    for _ in range(config.steps):
-        xs, ys = zip(*(next(b) for b in batches))
-        model.set_weights(weights)
-        grads, _ = model.compute_gradients(np.concatenate(xs), np.concatenate(ys))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    for step in range(config.steps):
+        xs, ys = zip(*(b.batch(step) for b in batches))
+        for name, v in variables.items():
+            v.assign(weights[name])
+        with tf.GradientTape() as tape:
+            loss = loss_fn(np.concatenate(ys), model(np.concatenate(xs)))
+        grads = dict(zip(variables, (g.numpy() for g in tape.gradient(loss, list(variables.values())))))
         weights = {k: w - config.lr * config.num_workers * grads[k] for k, w in weights.items()}  # linear scaling
 
     assert set(history.weights) == set(weights)
@@ -99,18 +109,18 @@ def test_async_evaluates_the_last_step_once_with_its_losses(monkeypatch):
 
     from shardps.training import async_
 
-    progress = iter([{"done": [3, 3], "losses": [0.5, 0.4], "max_lead": 1},  # all steps reported, runs pending
-                     {"done": [3, 3], "losses": [], "max_lead": 1},  # the runs returned
-                     {"done": [3, 3], "losses": [], "max_lead": 1}])  # final
+    progress = iter([{"done": [3, 3], "logs": [0.5, 0.4], "max_lead": 1},  # all steps reported, runs pending
+                     {"done": [3, 3], "logs": [], "max_lead": 1},  # the runs returned
+                     {"done": [3, 3], "logs": [], "max_lead": 1}])  # final
     polls = iter([[], ["run-0", "run-1"]])
     fake_ray = SimpleNamespace(wait=lambda refs, num_returns, timeout: (next(polls), None),
                                get=lambda ref: next(progress) if ref == "progress" else None)
     monkeypatch.setattr(async_, "ray", fake_ray)
     workers = [SimpleNamespace(run=_Remote(lambda *a, i=i, **k: f"run-{i}")) for i in range(2)]
     crew = SimpleNamespace(actors=workers, clock=SimpleNamespace(progress=_Remote(lambda: "progress")))
-    config = SimpleNamespace(bound=None, max_inflight=2, prefetch=True, eval_every=3)
+    config = SimpleNamespace(bound=None, max_inflight=2, prefetch=True)
     calls = []
     async_.run_async(None, crew, 0, 3, lambda step, losses, evaluate_now, total: calls.append(
-        (step, list(losses), evaluate_now)), config, None)
+        (step, list(losses), evaluate_now)), config, 3, None)
     assert [c for c in calls if c[2]] == [(3, [0.5, 0.4], True)]
     assert all(step < 3 for step, _, due in calls if not due)

@@ -13,9 +13,9 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.5  # how often the driver reports progress while workers run
 
 
-def run_async(ps, crew, start: int, steps: int, on_step, config,
+def run_async(ps, crew, start: int, steps: int, on_step, config, eval_every: int,
               step_delays: Sequence[float] | None) -> int:
-    """Let every worker loop pull -> compute -> push ``steps - start`` times; evaluate as they go.
+    """Let every worker loop pull -> compute -> push ``steps - start`` times; evaluate every ``eval_every``.
 
     Blocks until all workers finish; raises what a worker raised. A worker
     that dies is replaced (``crew.replace``) and its successor carries on
@@ -31,26 +31,27 @@ def run_async(ps, crew, start: int, steps: int, on_step, config,
                                      prefetch=config.prefetch and config.bound is None)
 
     runs = {launch_run(i, 0): i for i in range(len(workers))}
-    next_eval, losses, last_losses = start + config.eval_every, [], []
+    next_eval, logs, last_logs = start + eval_every, [], []
     while runs:
         ready, _ = ray.wait(list(runs), num_returns=1, timeout=_POLL_S)
         progress = ray.get(clock.progress.remote())
+        logs.extend(progress["logs"])
         for ref in ready:
             i = runs.pop(ref)
             try:
-                ray.get(ref)
+                ray.get(ref)  # a worker's own error (model, loss, data) is raised here and ends the run
             except RayActorError as exc:  # the worker died: a new one carries on where it stopped
                 crew.replace(i, exc)
                 progress = ray.get(clock.progress.remote())
+                logs.extend(progress["logs"])
                 runs[launch_run(i, progress["done"][i])] = i
-        losses.extend(progress["losses"])
         step = start + sum(progress["done"]) / len(workers)
         due = next_eval <= step < steps  # the last step is evaluated once, below, when every worker returned
         if step < steps:
-            on_step(step, losses, evaluate_now=due, total=steps)
+            on_step(step, logs, evaluate_now=due, total=steps)
         if due:
-            next_eval, losses, last_losses = next_eval + config.eval_every, [], losses or last_losses
+            next_eval, logs, last_logs = next_eval + eval_every, [], logs or last_logs
     final = ray.get(clock.progress.remote())
-    losses.extend(final["losses"])
-    on_step(steps, losses or last_losses, evaluate_now=True, total=steps)  # no loss since: the last window's
+    logs.extend(final["logs"])
+    on_step(steps, logs or last_logs, evaluate_now=True, total=steps)  # no step since: the last window's
     return final["max_lead"]

@@ -19,7 +19,7 @@ class StepClock:
         self._done = [0] * num_workers
         self._bound = bound
         self._cond = asyncio.Condition()
-        self._losses: list[float] = []
+        self._logs: list[dict] = []
         self._max_lead = 0
 
     def _may_start(self, step: int) -> bool:
@@ -33,15 +33,15 @@ class StepClock:
             self._max_lead = max(self._max_lead, lead)
             return lead
 
-    async def tick(self, worker: int, done: int, loss: float) -> None:
-        """Record that ``worker`` finished ``done`` steps, the last with ``loss``."""
+    async def tick(self, worker: int, done: int, logs: dict) -> None:
+        """Record that ``worker`` finished ``done`` steps, the last with ``logs`` (its loss and metrics)."""
         async with self._cond:
             self._max_lead = max(self._max_lead, done - 1 - min(self._done))  # while it ran step done - 1
             self._done[worker] = done
-            self._losses.append(loss)
+            self._logs.append(logs)
             self._cond.notify_all()
 
     async def progress(self) -> dict:
-        """Steps done per worker, losses since the last call, and the largest lead seen."""
-        losses, self._losses = self._losses, []
-        return {"done": list(self._done), "losses": losses, "max_lead": self._max_lead}
+        """Steps done per worker, the steps' logs since the last call, and the largest lead seen."""
+        logs, self._logs = self._logs, []
+        return {"done": list(self._done), "logs": logs, "max_lead": self._max_lead}

@@ -4,12 +4,13 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 from shardps.training.data import CLICK_DATASETS, DATASETS, FILE_DATASETS
-from shardps.training.models import MODELS
+from shardps.training.models import MODELS, load_function
 from shardps.store.shard.recovery import replication_restarts
-from shardps.store.optim import OPTIMIZERS
+from shardps.store.optim import OPTIMIZERS, optimizer_config
 from shardps.store.placement import DEFAULT_BLOCK_BYTES
 from shardps.store.tables import MAX_MIN_COUNT
 
@@ -19,6 +20,7 @@ MODEL_DEFAULTS = {  # batch_size, lr and optimizer when not given
     "mlp": {"batch_size": 32, "lr": 0.05, "optimizer": "sgd"},
     "widedeep": {"batch_size": 256, "lr": 0.002, "optimizer": "adam"},  # and one epoch: one pass over click logs
 }
+USER_MODEL_DEFAULTS = {"batch_size": 32, "lr": 0.001, "optimizer": "adam"}  # Keras's fit batch, Adam's usual rate
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,8 @@ class TrainConfig:
     epochs: float | None = None  # passes over each worker's part of the data
     batch_size: int | None = None  # None: the model's default (MODEL_DEFAULTS)
     lr: float | None = None  # per-worker rate (None: the model's); sync scales it by num_workers
-    optimizer: str | None = None  # server-side rule for dense keys, see shardps.store.optim (None: the model's)
-    model: str = "cnn"  # the classic MNIST CNN
+    optimizer: object = None  # server-side rule for dense keys: a name or an instance (shardps.Adam(1e-3)); None: the model's
+    model: str | Callable = "cnn"  # a built-in (MODELS), "module:function", or a model function
     dataset: str = "auto"  # MNIST if found locally, else digits; ctr for widedeep
     data_dir: str | None = None  # where to look for MNIST first; criteo: its file(s)
     test_data: str | None = None  # criteo: a held-out file; None: the last test_rows rows
@@ -52,7 +54,7 @@ class TrainConfig:
     num_cpus: int | None = None  # CPUs of a locally started Ray; None: all
     block_bytes: int = DEFAULT_BLOCK_BYTES  # tensor split size for sharding
     seed: int = 0  # data split, batches and initial weights
-    eval_every: int = 50  # steps (per worker) between test-accuracy checks
+    eval_every: int | None = 50  # steps (per worker) between evaluations; None: once per epoch
     checkpoint_dir: str | None = None  # where checkpoints go; None: no checkpoints
     checkpoint_every: int | None = None  # steps between checkpoints; None: only at the end
     resume: bool = False  # start from the latest checkpoint in checkpoint_dir, if any
@@ -67,11 +69,14 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_data()
-        for name, value in MODEL_DEFAULTS[self.model].items():
+        for name, value in MODEL_DEFAULTS.get(self.model, USER_MODEL_DEFAULTS).items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         _choice("mode", self.mode, MODES)
-        _choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        if isinstance(self.optimizer, str):
+            _choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        else:
+            optimizer_config(self.optimizer)  # an instance shardps knows, else ValueError
         _choice("table_optimizer", self.table_optimizer, ("adagrad", "adam", "ftrl", "sgd"))
         for name in ("embedding_dim", "min_count"):
             _positive_int(name, getattr(self, name))
@@ -84,8 +89,10 @@ class TrainConfig:
             raise ValueError(f"Argument `min_count` must be at most {MAX_MIN_COUNT}. Received: {self.min_count}")
         if not (isinstance(self.table_lr, (int, float)) and math.isfinite(self.table_lr) and self.table_lr > 0):
             raise ValueError(f"Argument `table_lr` must be a positive number. Received: {self.table_lr!r}")
-        for name in ("num_shards", "num_workers", "batch_size", "max_inflight", "eval_every", "block_bytes"):
+        for name in ("num_shards", "num_workers", "batch_size", "max_inflight", "block_bytes"):
             _positive_int(name, getattr(self, name))
+        if self.eval_every is not None:
+            _positive_int("eval_every", self.eval_every)
         if self.steps is not None:
             _positive_int("steps", self.steps)
         if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs)
@@ -114,11 +121,15 @@ class TrainConfig:
 
     def _check_data(self) -> None:
         """The model, the dataset and the files it reads fit together (widedeep on click logs only)."""
-        _choice("model", self.model, MODELS)
+        if not callable(self.model) and self.model not in MODELS:
+            if not isinstance(self.model, str) or ":" not in self.model:
+                raise ValueError(f"Argument `model` must be one of {MODELS}, 'module:function' or a model function. "
+                                 f"Received: {self.model!r:.80}")
+            load_function(self.model)  # importable, else ValueError
         _choice("dataset", self.dataset, DATASETS)
         if self.model == "widedeep" and self.dataset == "auto":
             object.__setattr__(self, "dataset", "ctr")
-        if (self.model == "widedeep") != (self.dataset in CLICK_DATASETS):
+        if self.model in MODELS and (self.model == "widedeep") != (self.dataset in CLICK_DATASETS):
             raise ValueError(f"Model 'widedeep' trains on click logs ({', '.join(CLICK_DATASETS)}), and they need "
                              f"model 'widedeep'. Received model {self.model!r}, dataset {self.dataset!r}")
         if self.data_dir is not None and self.dataset not in FILE_DATASETS:
@@ -139,13 +150,28 @@ class TrainConfig:
         return 2 if self.staleness is None else self.staleness
 
     def steps_for(self, num_train: int) -> int:
-        """Steps per worker: ``steps``, or enough for ``epochs`` over a worker's share, or 300."""
+        """Steps per worker: ``steps``, or enough for ``epochs`` over a worker's share; when neither is
+        given, 300 for ``cnn`` and ``mlp``, one epoch for the others."""
         if self.steps is not None:
             return self.steps
-        epochs = self.epochs if self.epochs is not None else 1.0 if self.model == "widedeep" else None
+        epochs = self.epochs if self.epochs is not None else None if self.model in ("cnn", "mlp") else 1.0
         if epochs is not None:
             return max(1, math.ceil(epochs * math.ceil(num_train / self.num_workers) / self.batch_size))
         return 300
+
+    def steps_per_epoch(self, num_train: int) -> int:
+        """Steps (per worker) of one pass over a worker's share of ``num_train`` examples."""
+        return max(1, math.ceil(math.ceil(num_train / self.num_workers) / self.batch_size))
+
+    def dense_optimizer(self):
+        """The dense keys' optimizer instance, its rate scaled by ``num_workers`` in sync runs with ``scale_lr``.
+
+        A named optimizer gets ``lr``; an instance keeps its own rate.
+        """
+        opt = OPTIMIZERS[self.optimizer](lr=self.lr) if isinstance(self.optimizer, str) else self.optimizer
+        if self.mode == "sync" and self.scale_lr:
+            opt = replace(opt, lr=opt.lr * self.num_workers)
+        return opt
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,17 +5,27 @@ import logging
 import os
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardps.store.cluster import SHARD_CPUS
-from shardps.training.data import Dataset, worker_split
+from shardps.store.errors import ShardUnavailableError
 from shardps.training.clock import StepClock
 from shardps.training.worker import Worker
 
 log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 300.0  # placing a worker and importing TensorFlow in it
+
+
+def process_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (from a step) means a process died or a shard was unreachable, which a retry on
+    replaced actors may mend, rather than an error raised by the step's own code, which it would not."""
+    while isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):
+        if exc.cause is None or exc.cause is exc:
+            return False
+        exc = exc.cause
+    return isinstance(exc, (RayActorError, ObjectLostError, ShardUnavailableError))
 
 
 class Crew:
@@ -37,7 +47,9 @@ class Crew:
     (after removing those it started).
     """
 
-    def __init__(self, ps, data: Dataset, config):
+    def __init__(self, ps, parts: list, config, build, names: list[str]):
+        """``parts``: each worker's data (see :mod:`shardps.training.feed`); ``build``: the model function,
+        ``names``: its dense keys."""
         total_cpus = ray.cluster_resources().get("CPU", 1.0)
         shard_actors = ps.num_shards * config.replicas
         # all must fit, also next to shards on a 1-CPU node (shards reserve SHARD_CPUS each)
@@ -46,10 +58,9 @@ class Crew:
         quiet = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")}  # TensorFlow's own switch
         self._actor = ray.remote(Worker).options(num_cpus=cpus, scheduling_strategy="SPREAD",
                                                  runtime_env={"env_vars": quiet})
-        self._args = (ps, config.model, data.input_shape, data.num_classes)
+        self._args = (ps, build, names)
         self._config = config
-        parts = worker_split(len(data.x_train), config.num_workers, seed=config.seed)
-        self._data = [[ray.put(data.x_train[idx]), ray.put(data.y_train[idx])] for idx in parts]
+        self._data = parts
         self.replaced = [0] * config.num_workers
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.clock = None if config.mode == "sync" else ray.remote(StepClock).options(
@@ -58,8 +69,7 @@ class Crew:
         self._wait_up(self.actors, also=[self.clock.progress.remote()] if self.clock else [])
 
     def _new(self, i: int):
-        return self._actor.remote(i, *self._args, self._data[i], self._config.batch_size, seed=self._config.seed,
-                                  embedding_dim=self._config.embedding_dim)
+        return self._actor.remote(i, *self._args, self._data[i], self._config.batch_size, seed=self._config.seed)
 
     def _wait_up(self, actors: list, also: list = ()) -> None:
         """Block until ``actors`` traced their model and the calls ``also`` answered."""

@@ -173,56 +173,6 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype, offset=header).reshape(dims)
 
 
-def worker_split(num_examples: int, num_workers: int, *, seed: int = 0) -> list[np.ndarray]:
-    """Disjoint, deterministic index sets, one per worker, covering every example."""
-    order = np.random.default_rng(seed).permutation(num_examples)
-    return np.array_split(order, num_workers)
-
-
-class Batches:
-    """Endless mini-batches over ``(x, y)``, reshuffled every epoch, deterministic by seed.
-
-    Random access: ``batch(k)`` is the k-th mini-batch of the stream (what
-    the k-th ``next()`` returns), so a restarted worker, a retried step or a
-    resumed run picks up exactly the data an undisturbed run would use.
-    Epoch ``e`` is the permutation drawn from ``(seed, e)``; batches run on
-    across epoch ends, never dry.
-    """
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int = 0):
-        if len(x) == 0:
-            raise ValueError("a worker got no training examples: use fewer workers")
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self._seed = seed
-        self._perms: dict[int, np.ndarray] = {}  # the last epochs' permutations
-        self._next = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        self._next += 1
-        return self.batch(self._next - 1)
-
-    def batch(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Mini-batch number ``k`` (from 0) of the stream."""
-        n = len(self.x)
-        positions = np.arange(k * self.batch_size, (k + 1) * self.batch_size)
-        epochs = positions // n
-        idx = np.empty(self.batch_size, np.int64)
-        for epoch in np.unique(epochs):
-            here = epochs == epoch
-            idx[here] = self._permutation(int(epoch))[positions[here] % n]
-        return self.x[idx], self.y[idx]
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([self._seed, epoch]).permutation(len(self.x))
-        return self._perms[epoch]
-
-
 def load_criteo(path: str, *, test_data: str | None = None, test_rows: int | None = None,
                 skip_malformed: bool = False) -> Dataset:
     """Criteo-format click logs (:mod:`shardps.training.criteo`) as a click dataset, read whole into memory.

@@ -6,14 +6,27 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class EvalPoint:
-    """One evaluation: ``step`` is steps per worker (the mean over workers in async modes)."""
+    """One evaluation: ``step`` is steps per worker (the mean over workers in async modes).
+
+    ``train``: the loss and each compiled metric, means of the per-batch
+    values since the previous evaluation; ``metrics``: the loss and metrics
+    on the validation data (empty without validation data).
+    """
 
     step: float
     wall_s: float
-    loss: float
-    accuracy: float
     samples_per_s: float
-    metrics: dict = field(default_factory=dict)  # every test metric the model reports (ctr: logloss, auc)
+    train: dict
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        return self.train.get("loss", float("nan"))
+
+    @property
+    def accuracy(self) -> float:
+        """Validation accuracy, if the model reports a metric named ``accuracy``."""
+        return self.metrics.get("accuracy", float("nan"))
 
 
 @dataclass
@@ -39,6 +52,17 @@ class History:
     ms_per_step: dict = field(default_factory=dict)  # where a worker step's time went: phase -> mean ms
 
     @property
+    def history(self) -> dict[str, list[float]]:
+        """As Keras's ``History.history``: ``"loss"``, each metric, and ``"val_..."`` ones, one value per evaluation."""
+        out: dict[str, list[float]] = {}
+        for point in self.points:
+            for name, value in point.train.items():
+                out.setdefault(name, []).append(value)
+            for name, value in point.metrics.items():
+                out.setdefault(f"val_{name}", []).append(value)
+        return out
+
+    @property
     def final_accuracy(self) -> float:
         return self.points[-1].accuracy if self.points else float("nan")
 
@@ -50,6 +74,7 @@ class History:
             "num_workers": self.num_workers, "dataset": self.dataset, "staleness": self.staleness,
             "max_lead": self.max_lead, "start_step": self.start_step, "recoveries": self.recoveries,
             "logdir": self.logdir, "ms_per_step": self.ms_per_step,
+            "final": {k: v[-1] for k, v in self.history.items()},
             **self._table_summary(),
         }
 
@@ -58,7 +83,7 @@ class History:
         if not self.table_rows:
             return {}
         last = self.points[-1].metrics if self.points else {}
-        return {"test_logloss": last.get("logloss"), "test_auc": last.get("auc"), **self.reference,
+        return {"test_logloss": last.get("logloss", last.get("loss")), "test_auc": last.get("auc"), **self.reference,
                 "table_rows": sum(self.table_rows.values())}
 
 

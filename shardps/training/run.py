@@ -11,17 +11,17 @@ from typing import Any, Callable, Sequence
 from shardps.store import checkpoint
 from shardps.store.cluster import launch, launch_from
 from shardps.training.config import TrainConfig, prepare_folders
-from shardps.training.data import Dataset, load
-from shardps.training.models import build_model
-from shardps.store.optim import OPTIMIZERS
-from shardps.store.initializers import Uniform, Zeros
+from shardps.training.data import load
+from shardps.training.feed import Examples, RayExamples, RunData
+from shardps.training.models import model_function
 from shardps.training.history import EvalPoint, History, staleness_summary
 from shardps.training.board import Board, shard_scalars
 from shardps.training.async_ import run_async
 from shardps.training.crew import Crew
 from shardps.training.sync import run_sync
 
-__all__ = ["train", "TrainConfig", "History", "EvalPoint"]
+__all__ = ["train", "run", "TrainConfig", "History", "EvalPoint"]
+EVAL_CHUNK = 65536  # validation examples whose rows are pulled at once
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]  # receives {"step", "total", "loss", and on evaluations "accuracy", ...}
@@ -30,13 +30,36 @@ Progress = Callable[[dict], None]  # receives {"step", "total", "loss", and on e
 def train(config: TrainConfig, *, progress: Progress | None = None,
           step_delays: Sequence[float] | None = None,
           on_start: Callable[[Any, list], None] | None = None) -> History:
-    """Train ``config.model`` on ``config.dataset`` with a sharded parameter server.
+    """Train ``config.model`` on ``config.dataset`` (the built-in datasets) with a sharded parameter server.
 
-    Blocks until the run ends. Starts (or joins) Ray, the shards and the
+    Blocks until the run ends; see :func:`run` for what it starts and how it
+    recovers. Raises ``FileNotFoundError`` when MNIST is asked for and missing,
+    and what :func:`run` raises.
+    """
+    prepare_folders(config)
+    data = load(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
+                **({"test_data": config.test_data, "test_rows": config.test_rows, "skip_malformed": config.skip_malformed}
+                   if config.dataset == "criteo" else {}))
+    build = model_function(config, data.input_shape, data.num_classes)
+    run_data = RunData(Examples(data.x_train, data.y_train), Examples(data.x_test, data.y_test), data.name,
+                       data.reference)
+    return run(config, build, run_data, progress=progress, step_delays=step_delays, on_start=on_start)
+
+
+def run(config: TrainConfig, build: Callable, data: RunData, *, progress: Progress | None = None,
+        step_delays: Sequence[float] | None = None,
+        on_start: Callable[[Any, list], None] | None = None) -> History:
+    """Train the model of ``build`` (a model function) on ``data`` with a sharded parameter server.
+
+    Blocks until the run ends. First checks, on the driver, that the model
+    builds, pickles and computes a step on the first training rows (nothing
+    is started before); then starts (or joins) Ray, the shards and the
     workers, and removes all of them at the end, also on errors and Ctrl-C.
 
     Args:
         config: the run.
+        build: the model function (see :mod:`shardps.training.models`).
+        data: training and validation examples.
         progress: called after every step (sync) or poll (async) with a dict.
         step_delays: extra seconds per step for each worker in async/ssp
             (simulates slow workers; for tests and experiments).
@@ -48,29 +71,30 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
     copy their replica (nothing lost), else with ``checkpoint_dir`` they
     reload the latest checkpoint (what was pushed since is lost). Each
     restart is reported in ``History.recoveries``. Crashed workers are
-    replaced and the run carries on, up to ``max_restarts`` times each.
+    replaced and the run carries on, up to ``max_restarts`` times each. An
+    error raised in a worker's step (the user's model, loss or data) ends the
+    run: it is raised here with the worker's traceback.
 
     Returns:
         The :class:`History` of evaluations and the run's totals.
 
     Raises:
-        ValueError: bad config or data; FileNotFoundError: MNIST asked for and missing;
+        ValueError / TypeError: bad config, model or data (named);
         TimeoutError: the cluster has no room for the shards or the workers.
     """
+    from shardps.training.replica import checked_replica  # loads TensorFlow
+
     prepare_folders(config)
-    data = load(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
-                **({"test_data": config.test_data, "test_rows": config.test_rows, "skip_malformed": config.skip_malformed}
-                   if config.dataset == "criteo" else {}))
-    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed,
-                        embedding_dim=config.embedding_dim)
-    steps = config.steps_for(len(data.x_train))
+    replica = checked_replica(build, data, config)
+    steps = config.steps_for(len(data.train))
     history = History(config.mode, config.num_shards, config.num_workers, data.name, reference=data.reference)
-    ps, history.start_step = _open_store(config, model)
+    ps, history.start_step = _open_store(config, replica)
     start = history.start_step
     with ps:
         if start >= steps:
             raise ValueError(f"the checkpoint in {config.checkpoint_dir} is at step {start}: nothing left of {steps} steps")
-        crew = Crew(ps, data, config)
+        parts = data.train.parts(config.num_workers, config.seed)
+        crew = Crew(ps, parts, config, build, replica.names)
         if on_start is not None:
             on_start(ps, crew.actors)
         board = None
@@ -78,11 +102,13 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
             if config.logdir:
                 board = Board(config.logdir, f"{config.mode}-{config.num_shards}shards")
                 history.logdir = str(board.path)
-            on_step = _on_step(ps, model, data, config, history, progress, board)
+            validation = data.validation.materialize() if isinstance(data.validation, RayExamples) else data.validation
+            on_step = _on_step(ps, replica, validation, config, history, progress, board)
+            every = config.eval_every or config.steps_per_epoch(len(data.train))
             if config.mode == "sync":
-                run_sync(ps, crew, start, steps, on_step, config)
+                run_sync(ps, crew, start, steps, on_step, config, every)
             else:
-                history.max_lead = run_async(ps, crew, start, steps, on_step, config, step_delays)
+                history.max_lead = run_async(ps, crew, start, steps, on_step, config, every, step_delays)
             history.ms_per_step = crew.phases_ms_per_step()
         finally:
             crew.remove()
@@ -94,7 +120,7 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
                               for s in stats if s["restarted"]]
         for lost in (s["shard"] for s in stats if s["replica"] == "lost"):
             log.warning("shard %d lost its replica during the run and finished unreplicated", lost)
-        history.weights = ps.pull(model.names)
+        history.weights = ps.pull(replica.names)
         history.table_rows = {name: info["rows"] for name, info in ps.tables().items()}
     history.steps = steps
     return history
@@ -113,7 +139,7 @@ def _open_store(config: TrainConfig, model):
         manifest, params = saved.manifest, saved.params
         if set(params) != set(model.names) or set(saved.tables) != set(model.tables):
             raise ValueError(f"checkpoint in {config.checkpoint_dir} holds {sorted([*params, *saved.tables])[:4]}..., "
-                             f"not the weights of model {config.model!r}")
+                             f"not the weights of this model ({sorted([*model.names, *model.tables])[:4]}...)")
         log.warning("resuming from %s at step %d", checkpoint.latest(config.checkpoint_dir), manifest["step"])
         ps = launch_from(saved, num_shards=config.num_shards, **launch_kwargs)
         if manifest["num_shards"] != config.num_shards:  # a restarting shard needs a checkpoint of this layout
@@ -121,15 +147,13 @@ def _open_store(config: TrainConfig, model):
         return ps, manifest["step"]
     if config.resume:
         log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
-    lr = config.lr * config.num_workers if config.mode == "sync" and config.scale_lr else config.lr
-    ps = launch(config.num_shards, optimizer=OPTIMIZERS[config.optimizer](lr=lr), block_bytes=config.block_bytes,
-                **launch_kwargs)
+    ps = launch(config.num_shards, optimizer=config.dense_optimizer(), block_bytes=config.block_bytes, **launch_kwargs)
+
     def fill() -> None:
         ps.register(model.get_weights())
-        for name, dim in model.tables.items():  # embeddings start small and random, wide weights at zero
-            ps.register_table(name, dim, initializer=Uniform(-0.05, 0.05) if dim > 1 else Zeros(),
-                              optimizer=OPTIMIZERS[config.table_optimizer](lr=config.table_lr), min_count=config.min_count,
-                              max_rows=config.max_rows, seed=config.seed)
+        for name, spec in model.tables.items():
+            ps.register_table(name, spec.dim, initializer=spec.initializer, optimizer=spec.optimizer,
+                              min_count=spec.min_count, max_rows=spec.max_rows, seed=spec.seed)
         if config.checkpoint_dir:
             ps.save(config.checkpoint_dir, step=0)  # so a shard that crashes early has something to reload
 
@@ -146,26 +170,29 @@ def _or_shutdown(ps, action: Callable[[], None]) -> None:
         raise
 
 
-def _on_step(ps, model, data: Dataset, config: TrainConfig, history: History, progress: Progress | None,
-             board: Board | None = None):
-    """``on_step(step, losses, evaluate_now=, total=)``: report, evaluate, checkpoint and log to TensorBoard."""
+def _on_step(ps, model, validation, config: TrainConfig, history: History, progress: Progress | None,
+             board: Board | None):
+    """``on_step(step, logs, evaluate_now=, total=)``: report, evaluate, checkpoint and log to TensorBoard.
+
+    ``logs``: the workers' per-step logs (loss and metrics) since the last evaluation.
+    """
     start = time.perf_counter()
     samples_per_step = config.num_workers * config.batch_size
     saved = history.start_step  # step of the last checkpoint
 
-    def on_step(step: float, losses: list[float], *, evaluate_now: bool, total: int) -> None:
+    def on_step(step: float, logs: list[dict], *, evaluate_now: bool, total: int) -> None:
         nonlocal saved
         wall = time.perf_counter() - start
-        loss = sum(losses) / len(losses) if losses else float("nan")
-        event = {"step": step, "total": total, "loss": loss,
+        train = _means(logs)
+        event = {"step": step, "total": total, **train,
                  "samples_per_s": (step - history.start_step) * samples_per_step / wall}
         if evaluate_now:
-            model.set_weights(ps.pull(model.names, rows=model.rows_needed(data.x_test)))
-            metrics = model.evaluate(data.x_test, data.y_test)
-            point = EvalPoint(step, wall, loss, metrics["accuracy"], event["samples_per_s"], metrics)
+            metrics = {} if validation is None else model.evaluate(
+                validation.chunks(EVAL_CHUNK), lambda needed: ps.pull(model.names, rows=needed))
+            point = EvalPoint(step, wall, event["samples_per_s"], train, metrics)
             history.points.append(point)
             history.wall_s, history.samples_per_s = wall, point.samples_per_s
-            event.update(metrics)
+            event.update({f"val_{k}": v for k, v in metrics.items()})
         if board is not None:
             _to_board(board, ps, event, evaluate_now)
         every = config.checkpoint_every or total
@@ -178,13 +205,21 @@ def _on_step(ps, model, data: Dataset, config: TrainConfig, history: History, pr
     return on_step
 
 
+def _means(logs: list[dict]) -> dict[str, float]:
+    """Per name, the mean of the values in ``logs`` (``loss`` NaN when there are none)."""
+    if not logs:
+        return {"loss": float("nan")}
+    return {name: sum(log[name] for log in logs) / len(logs) for name in logs[0]}
+
+
 def _to_board(board: Board, ps, event: dict, evaluated: bool) -> None:
-    """Loss at every step; at evaluations also accuracy, samples/s, staleness and per-shard counters."""
+    """Loss at every step; at evaluations also the validation metrics, samples/s, staleness and per-shard counters."""
     scalars = {"loss": event["loss"]}
     if evaluated:
         stats = ps.stats()
         staleness = staleness_summary(stats)
-        scalars.update({"test/accuracy": event["accuracy"], "samples_per_s": event["samples_per_s"],
+        scalars.update({f"val/{k[4:]}": v for k, v in event.items() if k.startswith("val_")})
+        scalars.update({"samples_per_s": event["samples_per_s"],
                         **{f"staleness/{k}": staleness[k] for k in ("min", "mean", "max") if k in staleness},
                         **shard_scalars(stats)})
     board.write(event["step"], scalars)

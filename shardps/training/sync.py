@@ -8,12 +8,14 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from shardps.store.errors import ShardUnavailableError
 from shardps.store.handle import gather
+from shardps.training.crew import process_failure
 
 log = logging.getLogger(__name__)
 
 
-def run_sync(ps, crew, start: int, steps: int, on_step, config) -> None:
-    """Run barrier steps ``start + 1 .. steps``. Blocks; raises what a worker or shard raised.
+def run_sync(ps, crew, start: int, steps: int, on_step, config, eval_every: int) -> None:
+    """Run barrier steps ``start + 1 .. steps``, evaluating every ``eval_every``. Blocks; raises what a worker
+    or shard raised.
 
     Each step every worker pulls the same weights and returns one packed
     gradient message per shard as its own object ref; each shard receives the
@@ -24,29 +26,30 @@ def run_sync(ps, crew, start: int, steps: int, on_step, config) -> None:
     that dies is replaced and the whole step is retried with every worker on
     the same mini-batches (up to ``config.max_restarts`` times per step). The
     step's pushes are numbered by the step, so a shard that had already
-    applied the step skips any retry.
+    applied the step skips any retry. An error raised by a worker's own code
+    (model, loss, data) is not retried: it is raised at once.
     """
-    losses: list[float] = []
+    logs: list[dict] = []
     for i, step in enumerate(range(start + 1, steps + 1)):
         for attempt in itertools.count():
             try:
-                losses.extend(_step(ps, crew.actors, step, base_version=i, batch=step - 1))
+                logs.extend(_step(ps, crew.actors, step, base_version=i, batch=step - 1))
                 break
             except (RayActorError, RayTaskError, ShardUnavailableError) as exc:
-                if attempt >= config.max_restarts:
+                if attempt >= config.max_restarts or not process_failure(exc):
                     raise
                 log.warning("step %d failed (%s); retrying it", step, type(exc).__name__)
                 ps.wait_available()
                 for dead in crew.dead():
                     crew.replace(dead, exc)
-        due = step % config.eval_every == 0 or step == steps
-        on_step(step, losses, evaluate_now=due, total=steps)
+        due = step % eval_every == 0 or step == steps
+        on_step(step, logs, evaluate_now=due, total=steps)
         if due:
-            losses = []
+            logs = []
 
 
-def _step(ps, workers: list, step: int, base_version: int, batch: int) -> list[float]:
-    """One barrier step on mini-batch ``batch``; returns the workers' losses.
+def _step(ps, workers: list, step: int, base_version: int, batch: int) -> list[dict]:
+    """One barrier step on mini-batch ``batch``; returns the workers' logs.
 
     A shard that dies is sent the same gradients again once Ray restarted it
     (the worker outputs outlive it); a worker that dies fails the step.
@@ -54,10 +57,10 @@ def _step(ps, workers: list, step: int, base_version: int, batch: int) -> list[f
     outs = [w.sync_step.options(num_returns=1 + ps.num_shards).remote(batch) for w in workers]
     grads = [[out[1 + s] for out in outs] if involved else [] for s, involved in enumerate(ps.involved())]
     if ps.replicated:  # a shard fetching refs itself would block (and the workers' pulls with it) until they exist
-        losses = gather([out[0] for out in outs])
+        logs = gather([out[0] for out in outs])
         ps.push_mean(grads, step=step, base_version=base_version)
-        return losses
+        return logs
     pushes = ps.push_mean(grads, step=step, base_version=base_version, wait=False)
-    losses = gather([out[0] for out in outs])  # first, so a dead worker fails the step before any re-send
+    logs = gather([out[0] for out in outs])  # first, so a dead worker fails the step before any re-send
     pushes.wait()
-    return losses
+    return logs

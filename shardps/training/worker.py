@@ -10,29 +10,22 @@ import time
 from collections import Counter, deque
 from contextlib import contextmanager
 
-import numpy as np
 import ray
 
-from shardps.training.data import Batches
-from shardps.training.models import build_model
 
 
 class Worker:
     """Computes gradients on its mini-batches against the current shard weights."""
 
-    def __init__(self, index: int, router, model: str, input_shape, num_classes: int, data: list,
-                 batch_size: int, *, seed: int = 0, embedding_dim: int = 16):
-        """``data``: ``[ObjectRef of x, ObjectRef of y]``, fetched here.
+    def __init__(self, index: int, router, build, names: list[str], part, batch_size: int, *, seed: int = 0):
+        """``build``: the model function; ``names``: its dense keys as the driver named them;
+        ``part``: this worker's data (a ``feed`` part: its ``batches`` are read here)."""
+        from shardps.training.replica import Replica  # TensorFlow: only in the worker's process
 
-        Nested in a list, Ray does not count them as constructor arguments in
-        its object store (which it warns about for restartable actors); the
-        driver keeps them alive for restarts.
-        """
         self.index = index
         self._router = router
-        self._model = build_model(model, input_shape, num_classes, seed=seed, embedding_dim=embedding_dim)
-        x, y = ray.get(data)
-        self._batches = Batches(x, y, batch_size, seed=seed * 1000 + index)
+        self._model = Replica(build, names=names, seed=seed)
+        self._batches = part.batches(batch_size, seed=seed * 1000 + index)
         self._phase_s: Counter = Counter()  # seconds spent per phase of a step, see :meth:`phases`
         self._steps = 0
 
@@ -54,7 +47,7 @@ class Worker:
         return {"steps": self._steps, **self._phase_s}
 
     def sync_step(self, step: int) -> tuple:
-        """Pull, compute on mini-batch ``step``; return ``(loss, message for shard 0, ..., shard S-1)``.
+        """Pull, compute on mini-batch ``step``; return ``(logs, message for shard 0, ..., shard S-1)``.
 
         Called with ``num_returns = 1 + num_shards`` so each message becomes
         its own object ref that the driver hands to its shard unopened.
@@ -62,24 +55,24 @@ class Worker:
         x, y = self._batches.batch(step)
         with self._timed("pull"):
             weights = self._pull(x).wait()
-        dense, rows, loss = self._gradients(x, y, weights)
+        dense, rows, logs = self._gradients(x, y, weights)
         with self._timed("push"):
             messages = self._router.pack(dense, rows)
         self._steps += 1
-        return (loss, *messages)
+        return (logs, *messages)
 
-    def _pull(self, x):
-        """Start pulling what batch ``x`` needs (dense keys and its rows, one message per shard): a Handle."""
-        return self._router.pull(self._model.names, rows=self._model.rows_needed(x), wait=False)
+    def _pull(self, x) -> "Pull":
+        """Start pulling what batch ``x`` needs (dense keys and its rows, one message per shard)."""
+        needed = self._model.rows_needed(x)
+        return Pull(self._router.pull(self._model.names, rows=needed, wait=False), needed)
 
-    def _gradients(self, x, y, weights: dict) -> tuple[dict, dict, float]:
-        """Compute on ``(x, y)`` at ``weights``; return ``(dense grads, {table: (ids, grads)}, loss)``."""
+    def _gradients(self, x, y, pulled: tuple) -> tuple[dict, dict, dict]:
+        """Compute on ``(x, y)`` at the ``(weights, rows' ids)`` pulled; return ``(dense grads,
+        {table: (ids, grads)}, logs)``."""
         with self._timed("set_weights"):
-            self._model.set_weights(weights)
+            self._model.set_weights(*pulled)
         with self._timed("compute"):
-            grads, loss = self._model.compute_gradients(x, y)
-        rows = {name: grads.pop(name) for name in self._model.tables}
-        return grads, rows, loss
+            return self._model.compute_gradients(x, y)
 
     def run(self, first: int, steps: int, clock, *, bounded: bool = True, max_inflight: int = 2,
             step_delay: float = 0.0, batch_offset: int = 0, prefetch: bool = False) -> int:
@@ -91,7 +84,7 @@ class Worker:
 
         Before each step asks ``clock`` for permission if the run is
         ``bounded`` (SSP; a round trip per step that ASP skips) and reports
-        each finished step with its loss. At most ``max_inflight``
+        each finished step with its logs (loss and metrics). At most ``max_inflight``
         pushes are unacknowledged at a time; all are acknowledged on return.
         ``prefetch`` (ASP only: it reads weights one step early): the pull for
         step ``i + 1`` is sent before step ``i``'s gradient is computed, so it
@@ -113,7 +106,7 @@ class Worker:
                 ahead = self._pull(self._batches.batch(batch_offset + step + 1)[0])
             else:
                 ahead = None
-            dense, rows, loss = self._gradients(x, y, weights)
+            dense, rows, logs = self._gradients(x, y, weights)
             if step_delay:
                 time.sleep(step_delay)  # simulated slowness, not synchronisation
             with self._timed("push"):
@@ -121,7 +114,7 @@ class Worker:
                 while len(inflight) > max_inflight:
                     inflight.popleft().wait()
             self._steps += 1
-            clock.tick.remote(self.index, step + 1, loss)
+            clock.tick.remote(self.index, step + 1, logs)
         for handle in inflight:
             handle.wait()
         return steps - first
@@ -133,12 +126,21 @@ class Worker:
         Keras does on its first ``fit`` step). Talks to no shard, changes nothing.
         """
         x, y = self._batches.batch(0)
-        rows = {name: np.zeros((len(ids), self._model.tables[name]), np.float32)
-                for name, ids in self._model.rows_needed(x).items()}
-        self._model.set_weights({**self._model.get_weights(), **rows})
-        self._model.compute_gradients(x, y)
+        self._model.bind_zeros(x)
+        self._model.compute_gradients(x, y)  # eagerly: builds the loss and metrics
+        self._model.compute_gradients(x, y)  # traced
         return os.getpid()
 
     def pid(self) -> int:
         """This worker's process id (for monitoring and fault-injection tests)."""
         return os.getpid()
+
+
+class Pull:
+    """A pull on its way: ``wait()`` gives ``(weights, {table: ids})``, what ``Replica.set_weights`` takes."""
+
+    def __init__(self, handle, needed: dict):
+        self._handle, self._needed = handle, needed
+
+    def wait(self) -> tuple[dict, dict]:
+        return self._handle.wait(), self._needed

@@ -27,3 +27,14 @@ def tensorflow_start_up_silenced():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def limit_tf_threads() -> None:
+    """One intra-op and one inter-op thread: many processes share 2 cores. Call before any TF op."""
+    with tensorflow_start_up_silenced():
+        import tensorflow as tf
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TF already initialised in this process: keep its setting
+        pass
