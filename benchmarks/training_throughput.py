@@ -13,6 +13,7 @@ of samples/s beside them, plus the mean time per worker step in each phase.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import time
@@ -25,39 +26,43 @@ from benchmarks.common import median, print_table, write_rows
 
 def _single_process(dataset, model_name: str, steps: int, batch_size: int, lr: float, seed: int) -> dict:
     """The reference: one process, no parameter server, no Ray."""
-    from shardps.training.data import Batches, load
-    from shardps.training.models import build_model
+    from shardps.training.data import load
+    from shardps.training.feed import Batches, Examples
+    from shardps.training.models import builtin
+    from shardps.training.replica import Replica
 
     data = load(dataset, seed=seed)
-    model = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
+    model = Replica(functools.partial(getattr(builtin, model_name), data.input_shape, data.num_classes), seed=seed)
     batches = Batches(data.x_train, data.y_train, batch_size, seed=seed)
     weights = model.get_weights()
-    model.compute_gradients(*next(batches))  # warm-up: trace the tf.function
+    test = Examples(data.x_test, data.y_test)
+
+    def accuracy() -> float:
+        return model.evaluate(test.chunks(len(test)), lambda needed: weights)["accuracy"]
+
+    model.compute_gradients(*next(batches))  # warm-up: build the loss and metrics
+    model.compute_gradients(*next(batches))  # and trace the tf.function
     start, reached = time.perf_counter(), None
     for step in range(1, steps + 1):
         model.set_weights(weights)
-        grads, _ = model.compute_gradients(*next(batches))
+        grads, _, _ = model.compute_gradients(*next(batches))
         weights = {k: w - lr * grads[k] for k, w in weights.items()}
-        if reached is None and step % 10 == 0:
-            model.set_weights(weights)
-            if model.evaluate(data.x_test, data.y_test)["accuracy"] >= 0.95:
-                reached = time.perf_counter() - start
+        if reached is None and step % 10 == 0 and accuracy() >= 0.95:
+            reached = time.perf_counter() - start
     wall = time.perf_counter() - start
-    model.set_weights(weights)
     return {"samples_per_s": steps * batch_size / wall, "wall_s": wall, "time_to_95": reached,
-            "accuracy": model.evaluate(data.x_test, data.y_test)["accuracy"]}
+            "accuracy": accuracy()}
 
 
 _KERAS_FIT = """
 import json, sys, time
 import keras
 from shardps.training.data import load
-from shardps.training.models.keras_model import layer_stack
+from shardps.training.models import builtin
 dataset, model_name, samples, batch_size, lr, seed = sys.argv[1:]
 data = load(dataset, seed=int(seed))
 keras.utils.set_random_seed(int(seed))
-body = layer_stack(model_name, data.input_shape, data.num_classes)
-net = keras.Sequential([keras.Input(data.input_shape), *body])
+net = getattr(builtin, model_name)(data.input_shape, data.num_classes)
 net.compile(optimizer=keras.optimizers.SGD(float(lr)),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 steps = max(1, int(samples) // int(batch_size))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
@@ -16,6 +17,7 @@ from shardps.training.worker import Worker
 log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 300.0  # placing a worker and importing TensorFlow in it
+PLACEMENT_TIMEOUT_S = 60.0  # how long the workers' CPUs may stay taken by others before the run fails
 
 
 def process_failure(exc: BaseException) -> bool:
@@ -26,6 +28,21 @@ def process_failure(exc: BaseException) -> bool:
             return False
         exc = exc.cause
     return isinstance(exc, (RayActorError, ObjectLostError, ShardUnavailableError))
+
+
+def _wait_for_cpus(cpus: float, count: int, total: float) -> None:
+    """Block until the cluster has ``count`` x ``cpus`` CPUs free (others' actors may still be leaving).
+
+    Raises ``TimeoutError`` naming the resources after :data:`PLACEMENT_TIMEOUT_S`.
+    """
+    deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
+    while (free := ray.available_resources().get("CPU", 0.0)) + 1e-6 < cpus * count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} workers need {cpus:.2f} CPU each ({cpus * count:.2f} in all), but only "
+                               f"{free:.2f} of the cluster's {total:g} CPUs stayed free for {PLACEMENT_TIMEOUT_S:g} s "
+                               f"(other actors or tasks hold the rest): use fewer workers, free those CPUs or give "
+                               f"Ray more (num_cpus)")
+        time.sleep(0.2)  # polling Ray's view of free resources
 
 
 class Crew:
@@ -56,6 +73,7 @@ class Crew:
         cpus = max(0.01, min(1.0 - SHARD_CPUS * shard_actors,
                              (total_cpus - SHARD_CPUS * shard_actors) / config.num_workers))
         quiet = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")}  # TensorFlow's own switch
+        _wait_for_cpus(cpus, config.num_workers, total_cpus)
         self._actor = ray.remote(Worker).options(num_cpus=cpus, scheduling_strategy="SPREAD",
                                                  runtime_env={"env_vars": quiet})
         self._args = (ps, build, names)

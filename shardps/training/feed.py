@@ -105,6 +105,16 @@ class ArrayPart:
         return Batches(x, y, batch_size, seed=seed, shuffle=self.shuffle)
 
 
+def split_label(batch: dict, label: str) -> tuple[dict, np.ndarray]:
+    """A Ray dataset's numpy batch as ``(inputs, labels)``; list columns (object arrays of equal-length
+    arrays, as Parquet list columns come) stacked into 2-D arrays."""
+    def dense(column: np.ndarray) -> np.ndarray:
+        return np.stack(column) if column.dtype == object else column
+
+    inputs = {name: dense(column) for name, column in batch.items() if name != label}
+    return inputs, dense(batch[label])
+
+
 @dataclass
 class RayExamples:
     """A ``ray.data.Dataset`` of examples; ``label``: the column of the labels."""
@@ -131,8 +141,7 @@ class RayExamples:
         return self._split_label(self.dataset.take_batch(n, batch_format="numpy"))
 
     def _split_label(self, batch: dict) -> tuple:
-        y = batch.pop(self.label)
-        return batch, y
+        return split_label(batch, self.label)
 
     def chunks(self, size: int):
         for batch in self.dataset.iter_batches(batch_size=size, batch_format="numpy"):
@@ -237,7 +246,7 @@ class StreamBatches:
         for _ in itertools.count():
             empty = True
             for chunk in self._dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
-                y = chunk.pop(self._label)
+                chunk, y = split_label(chunk, self._label)
                 carry.append((chunk, y))
                 held += len(y)
                 empty = empty and len(y) == 0

@@ -156,19 +156,23 @@ class Replica:
             metric.reset_state()
         return grads, loss, model.compute_metrics(x, y, y_pred, None)
 
-    def evaluate(self, chunks: Iterable[tuple], pull: Callable[[dict], dict]) -> dict[str, float]:
+    def evaluate(self, chunks: Iterable[tuple], pull: Callable[[dict], dict], *, batch_size: int = 1024) -> dict:
         """The compiled loss and metrics over every ``(x, y)`` of ``chunks`` (the validation data).
 
         ``pull(rows_needed)`` fetches the dense weights and the rows of a
-        chunk. The loss is the mean over examples; metrics accumulate over all chunks.
+        chunk, once; the model then runs on ``batch_size`` examples at a time.
+        The loss is the mean over examples; metrics accumulate over all chunks.
         """
         self.model.reset_metrics()
         total, count = 0.0, 0
         for x, y in chunks:
             needed = self.rows_needed(x)
             self.set_weights(pull(needed), needed)
-            loss = self._test_step(_inputs(x, self.input_names), tf.convert_to_tensor(y))
-            total, count = total + float(loss) * len(y), count + len(y)
+            for start in range(0, len(y), batch_size):
+                part = slice(start, start + batch_size)
+                xb = {k: v[part] for k, v in x.items()} if isinstance(x, dict) else x[part]
+                loss = self._test_step(_inputs(xb, self.input_names), tf.convert_to_tensor(y[part]))
+                total, count = total + float(loss) * len(y[part]), count + len(y[part])
         logs = {k: float(v) for k, v in self.model.get_metrics_result().items() if k != "loss"}
         return {"loss": total / max(1, count), **logs}
 
