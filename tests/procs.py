@@ -37,3 +37,14 @@ def named(prefix: str, below: int | None = None) -> list[int]:
         if cmdline.startswith(prefix):
             found.append(pid)
     return found
+
+
+def exit_within(prefix: str, timeout: float = 30.0) -> list[int]:
+    """Poll until no process ``named(prefix)`` is left (killed actors exit asynchronously) or ``timeout``
+    seconds passed; returns those still alive then (``[]``: all gone)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (alive := named(prefix)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive

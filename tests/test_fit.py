@@ -12,7 +12,7 @@ import ray.cloudpickle
 import shardps
 from shardps.store import checkpoint
 from shardps.store.initializers import Uniform
-from tests.procs import named
+from tests.procs import exit_within, named
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get this module's functions by value
 
@@ -110,7 +110,7 @@ def test_sync_sgd_with_a_shared_multi_hot_table_equals_one_process(ray_session, 
     np.testing.assert_allclose(table["params"], rows[table["ids"]], rtol=1e-4, atol=1e-6)
     used = np.unique(np.concatenate([x["a"][:48].ravel(), x["b"][:48].ravel(), x["a"][128:176].ravel(),
                                      x["b"][128:176].ravel()]))
-    assert list(table["ids"]) == [i for i in used if i >= 0]  # rows of the ids trained on, padding never
+    assert sorted(table["ids"]) == [i for i in used if i >= 0]  # rows of the ids trained on, padding never
     assert not np.allclose(rows, start_rows)  # the comparison means something
     assert set(history.history) == {"loss", "auc", "acc"}  # no validation data: no val_ entries
 
@@ -283,9 +283,9 @@ def test_an_error_in_a_workers_step_is_raised_once_and_every_actor_removed(ray_s
     with pytest.raises(Exception, match="user loss saw NaN") as raised:
         shardps.fit(nan_check_model, x, np.zeros(256, np.float32), steps=8, batch_size=16, shuffle=False,
                     num_workers=2, max_restarts=3)
-    assert "Traceback" in str(raised.value)  # the worker's own
+    assert "ray::Worker.sync_step()" in str(raised.value)  # where it happened: the worker's step
     assert "retrying" not in caplog.text and "replacing" not in caplog.text  # raised at once, never retried
-    assert named("ray::Worker") == [] and named("ray::ParameterShard") == []
+    assert exit_within("ray::Worker") == [] and exit_within("ray::ParameterShard") == []
 
 
 def test_workers_that_cannot_be_placed_fail_fast_naming_the_resources(ray_session, monkeypatch):
@@ -301,4 +301,4 @@ def test_workers_that_cannot_be_placed_fail_fast_naming_the_resources(ray_sessio
             shardps.fit(shared_table_model, *clicks(64), steps=1, num_workers=4, num_shards=4)
     finally:
         ray.kill(hog)
-    assert named("ray::Worker") == [] and named("ray::ParameterShard") == []
+    assert exit_within("ray::Worker") == [] and exit_within("ray::ParameterShard") == []

@@ -93,7 +93,8 @@ def run(config: TrainConfig, build: Callable, data: RunData, *, progress: Progre
     with ps:
         if start >= steps:
             raise ValueError(f"the checkpoint in {config.checkpoint_dir} is at step {start}: nothing left of {steps} steps")
-        parts = data.train.parts(config.num_workers, config.seed)
+        parts = data.train.parts(config.num_workers, config.seed)  # Ray Data reads now, before workers take the CPUs
+        validation = data.validation.materialize() if isinstance(data.validation, RayExamples) else data.validation
         crew = Crew(ps, parts, config, build, replica.names)
         if on_start is not None:
             on_start(ps, crew.actors)
@@ -102,7 +103,6 @@ def run(config: TrainConfig, build: Callable, data: RunData, *, progress: Progre
             if config.logdir:
                 board = Board(config.logdir, f"{config.mode}-{config.num_shards}shards")
                 history.logdir = str(board.path)
-            validation = data.validation.materialize() if isinstance(data.validation, RayExamples) else data.validation
             on_step = _on_step(ps, replica, validation, config, history, progress, board)
             every = config.eval_every or config.steps_per_epoch(len(data.train))
             if config.mode == "sync":
