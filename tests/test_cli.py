@@ -174,3 +174,37 @@ def test_interrupt_leaves_no_process_behind(tmp_path, signum, status):
     while any(_alive(p) for p in started) and time.monotonic() < deadline:
         time.sleep(0.5)  # polling for processes to exit, not synchronising work
     assert not [p for p in started if _alive(p)]
+
+
+_USER_MODEL = '''
+import keras, shardps
+
+def build():
+    ids = keras.Input((8,), dtype="int64", name="ids")
+    dense = keras.Input((4,), name="dense")
+    e = keras.layers.Flatten()(shardps.keras.Embedding("mine", 4, combiner=None)(ids))
+    out = keras.layers.Dense(1, name="mine_out")(keras.layers.Concatenate()([e, dense]))
+    model = keras.Model({"ids": ids, "dense": dense}, out)
+    model.compile(loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.AUC(from_logits=True, name="my_auc")])
+    return model
+'''
+
+
+@pytest.mark.slow
+def test_model_module_function_trains_a_users_model_from_the_current_folder(tmp_path):
+    (tmp_path / "mymodels.py").write_text(_USER_MODEL)
+    summary, stderr = _train_json(
+        tmp_path, "--model", "mymodels:build", "--dataset", "ctr", "--steps", "6", "--num-shards", "2",
+        "--num-cpus", "2", "--eval-every", "3", env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert summary["steps"] == 6 and summary["table_rows"] > 0
+    assert set(summary["final"]) == {"loss", "my_auc", "val_loss", "val_my_auc"}
+    assert 0 < summary["final"]["val_my_auc"] < 1
+    assert "val_my_auc=" in stderr
+
+
+def test_model_module_function_that_does_not_import_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--model", "no_such_module_here:build", "--steps", "1"])
+    assert exit_.value.code == 2
+    assert "cannot import module 'no_such_module_here'" in capsys.readouterr().err

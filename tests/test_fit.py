@@ -302,3 +302,22 @@ def test_workers_that_cannot_be_placed_fail_fast_naming_the_resources(ray_sessio
     finally:
         ray.kill(hog)
     assert exit_within("ray::Worker") == [] and exit_within("ray::ParameterShard") == []
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_as_written(tmp_path):
+    """The README's "Your own model" example, copied out and run in a fresh process."""
+    import ast
+    import re
+    import subprocess
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Your own model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "example.py").write_text(code)
+    out = subprocess.run([sys.executable, "example.py"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    history = ast.literal_eval(out.stdout.strip().splitlines()[-1])  # the printed dict of lists
+    assert set(history) == {"loss", "auc", "val_loss", "val_auc"} and history["val_auc"][-1] > 0.9
