@@ -105,6 +105,17 @@ class ArrayPart:
         return Batches(x, y, batch_size, seed=seed, shuffle=self.shuffle)
 
 
+def quiet_ray_data(dataset) -> None:
+    """No progress bars or start-of-execution lines from Ray Data for ``dataset`` (shardps reports progress).
+
+    A dataset carries its own copy of Ray Data's context (to its workers too).
+    """
+    context = dataset.context
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
+
+
 def split_label(batch: dict, label: str) -> tuple[dict, np.ndarray]:
     """A Ray dataset's numpy batch as ``(inputs, labels)``; list columns (object arrays of equal-length
     arrays, as Parquet list columns come) stacked into 2-D arrays."""
@@ -123,6 +134,7 @@ class RayExamples:
     label: str = "label"
 
     def __post_init__(self):
+        quiet_ray_data(self.dataset)
         names = self.dataset.schema().names
         if self.label not in names:
             raise ValueError(f"the Ray dataset has no label column {self.label!r} (pass label=...); "
@@ -149,7 +161,7 @@ class RayExamples:
 
     def materialize(self) -> "RayExamples":
         """The same examples, computed once into Ray's object store (for data read again every evaluation)."""
-        return RayExamples(self.dataset.materialize(), self.label)
+        return RayExamples(self.dataset.materialize(), self.label)  # a new dataset: quieted again
 
     def parts(self, num_workers: int, seed: int) -> list:
         """``num_workers`` equal parts (the last ``len % num_workers`` rows are left out), each a
@@ -224,6 +236,7 @@ class StreamBatches:
     """
 
     def __init__(self, dataset, label: str, batch_size: int):
+        quiet_ray_data(dataset)
         self._dataset, self._label, self.batch_size = dataset, label, batch_size
         self._stream = None
         self._next = 0

@@ -70,6 +70,17 @@ class Replica:
         self._bound: dict[str, np.ndarray] = {}
         self._grad_fn = None  # traced on the second step: the first runs eagerly and builds loss and metrics
 
+    def _inputs(self, x):
+        """``x`` (one array, or a dict of arrays by input name) as the model takes it: a dict, a list in the
+        order of its inputs, or one array, as the model was built."""
+        if not isinstance(x, dict):
+            return x
+        if isinstance(self.model.input, dict):
+            return {name: x[name] for name in self.input_names}
+        if isinstance(self.model.input, (list, tuple)):
+            return [x[name] for name in self.input_names]
+        return x[self.input_names[0]]
+
     def check_columns(self, columns: list[str] | None, role: str = "training") -> None:
         """Raise ``ValueError`` unless ``columns`` (None: one unnamed array) are the model's inputs, by name."""
         if columns is None:
@@ -103,7 +114,7 @@ class Replica:
     def _computed_ids(self, x) -> list:
         if self._ids_model is None:
             return []
-        out = self._ids_model(_inputs(x, self.input_names), training=False)
+        out = self._ids_model(self._inputs(x), training=False)
         return [np.asarray(t) for t in (out if isinstance(out, (list, tuple)) else [out])]
 
     def set_weights(self, weights: dict, rows_ids: dict[str, np.ndarray] | None = None) -> None:
@@ -128,7 +139,7 @@ class Replica:
         holds ``"loss"`` and each compiled metric on this batch.
         Raises ``ValueError`` if the loss is not a scalar.
         """
-        inputs = _inputs(x, self.input_names)
+        inputs = self._inputs(x)
         if self._grad_fn is None:
             grads, loss, logs = self._gradients(inputs, y)
             self._grad_fn = tf.function(self._gradients, reduce_retracing=True)
@@ -171,7 +182,7 @@ class Replica:
             for start in range(0, len(y), batch_size):
                 part = slice(start, start + batch_size)
                 xb = {k: v[part] for k, v in x.items()} if isinstance(x, dict) else x[part]
-                loss = self._test_step(_inputs(xb, self.input_names), tf.convert_to_tensor(y[part]))
+                loss = self._test_step(self._inputs(xb), tf.convert_to_tensor(y[part]))
                 total, count = total + float(loss) * len(y[part]), count + len(y[part])
         logs = {k: float(v) for k, v in self.model.get_metrics_result().items() if k != "loss"}
         return {"loss": total / max(1, count), **logs}
@@ -258,11 +269,6 @@ def _id_sources(model, layers: list[Embedding]) -> list:
     return sources
 
 
-def _inputs(x, names: list[str]):
-    """``x`` as the model takes it: a dict keyed by input name, or one array for a one-input model."""
-    if isinstance(x, dict):
-        return {name: x[name] for name in names}
-    return x
 
 
 def _name(fn) -> str:
