@@ -243,10 +243,10 @@ def test_a_bad_model_function_fails_before_anything_starts(ray_session, build, e
     data = {k: x[k] for k in (("a", "b", "num") if build is _unpicklable else ("ids",) if build is two_dims
                               else ("x",))}
     data = data["x"] if list(data) == ["x"] else data
-    before = set(named("ray::ParameterShard"))
+    before = set(named("ray::ParameterShard"))  # an earlier test's shards may still be on their way out
     with pytest.raises(error, match=match):
         shardps.fit(build, data, np.zeros(8, np.float32), steps=1, num_shards=1, num_workers=1)
-    assert set(named("ray::ParameterShard")) == before  # nothing was started
+    assert set(named("ray::ParameterShard")) <= before  # nothing was started
 
 
 @pytest.mark.parametrize("columns, match", [(("a", "num"), r"missing \['b'\]"),
