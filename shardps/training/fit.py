@@ -26,7 +26,8 @@ def fit(build: Callable, x, y=None, *, validation_data=None, label: str = "label
     model's input names, with labels ``y``; or a ``ray.data.Dataset`` whose
     column ``label`` holds the labels and whose other columns are the
     model's inputs, by name (``y`` None). ``validation_data``: ``(x, y)`` or
-    a Ray dataset; evaluated once per epoch, or every ``eval_every`` steps.
+    a Ray dataset; evaluated once per epoch, or every ``eval_every`` steps
+    (async modes: points the workers pass within one 0.5 s poll are evaluated once).
     Arrays are split among the workers at random and reshuffled every epoch
     (``shuffle=False``: contiguous parts read in order); a Ray dataset is
     split into ``num_workers`` equal parts read in order (shuffle it
