@@ -157,5 +157,5 @@ def test_each_mode_trains_on_a_criteo_file_and_every_id_gets_its_rows(ray_sessio
     train_ids = criteo.read(path).ids[:-200]
     distinct = sum(len(np.unique(train_ids[:, f])) for f in range(26))
     assert history.dataset == "criteo" and history.steps == config.steps_for(1000)
-    assert history.summary()["table_rows"] == 2 * distinct  # emb/<f> and wide/<f>: one row per id trained on
+    assert history.summary()["table_rows"] == 2 * distinct  # emb and wide: one row per id trained on, in each
     assert np.isfinite(history.points[-1].metrics["logloss"])

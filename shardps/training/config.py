@@ -63,7 +63,7 @@ class TrainConfig:
     logdir: str | None = None  # TensorBoard event files go to a new run folder under it; None: none
     table_optimizer: str = "adagrad"  # embedding tables (widedeep): per-row rule
     table_lr: float = 0.05  # its learning rate
-    embedding_dim: int = 16  # rows of the emb/<field> tables
+    embedding_dim: int = 16  # width of the rows of widedeep's emb table
     min_count: int = 1  # pushes an id needs before it gets a row
     max_rows: int | None = None  # rows per table at most (least recently updated evicted); None: no limit
 
