@@ -82,6 +82,10 @@ class Examples:
         for start in range(0, len(self), size):
             yield take(self.x, slice(start, start + size)), self.y[start:start + size]
 
+    def materialize(self) -> "Examples":
+        """Already in memory: itself (as :meth:`RayExamples.materialize`)."""
+        return self
+
     def parts(self, num_workers: int, seed: int) -> list:
         """One :class:`ArrayPart` per worker (its rows put in Ray's object store); blocks while putting."""
         import ray

@@ -12,7 +12,7 @@ from shardps.store import checkpoint
 from shardps.store.cluster import launch, launch_from
 from shardps.training.config import TrainConfig, prepare_folders
 from shardps.training.data import load
-from shardps.training.feed import Examples, RayExamples, RunData
+from shardps.training.feed import Examples, RunData
 from shardps.training.models import model_function
 from shardps.training.history import EvalPoint, History, staleness_summary
 from shardps.training.board import Board, shard_scalars
@@ -94,7 +94,7 @@ def run(config: TrainConfig, build: Callable, data: RunData, *, progress: Progre
         if start >= steps:
             raise ValueError(f"the checkpoint in {config.checkpoint_dir} is at step {start}: nothing left of {steps} steps")
         parts = data.train.parts(config.num_workers, config.seed)  # Ray Data reads now, before workers take the CPUs
-        validation = data.validation.materialize() if isinstance(data.validation, RayExamples) else data.validation
+        validation = None if data.validation is None else data.validation.materialize()  # read once, evaluated often
         crew = Crew(ps, parts, config, build, replica.names)
         if on_start is not None:
             on_start(ps, crew.actors)
