@@ -11,7 +11,7 @@ import importlib
 __all__ = [
     "launch", "restore", "Router", "Table", "Handle", "ShardUnavailableError",
     "SGD", "Momentum", "Adam", "Adagrad", "FTRL", "Zeros", "Uniform", "Normal",
-    "train", "fit", "TrainConfig", "History", "keras",
+    "train", "fit", "export", "TrainConfig", "History", "keras",
 ]
 
 _HOME = {
@@ -19,7 +19,8 @@ _HOME = {
     "Table": "shardps.store.tables", "Handle": "shardps.store.handle", "ShardUnavailableError": "shardps.store.errors",
     **dict.fromkeys(("SGD", "Momentum", "Adam", "Adagrad", "FTRL"), "shardps.store.optim"),
     **dict.fromkeys(("Zeros", "Uniform", "Normal"), "shardps.store.initializers"),
-    "train": "shardps.training.run", "fit": "shardps.training.fit", "TrainConfig": "shardps.training.config", "History": "shardps.training.history",
+    "train": "shardps.training.run", "fit": "shardps.training.fit", "export": "shardps.training.export",
+    "TrainConfig": "shardps.training.config", "History": "shardps.training.history",
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``shardps`` command: ``shardps train ...`` and ``shardps bench ...``.
+"""The ``shardps`` command: ``shardps train ...``, ``shardps export ...`` and ``shardps bench ...``.
 
 The only module that reads ``sys.argv`` or prints for humans. Flags are
 checked (through :class:`TrainConfig`) before Ray starts; a bad flag exits
@@ -157,11 +157,44 @@ def _run_train(args, parser) -> int:
     return 0
 
 
+def _export_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="write a checkpoint's model as a plain Keras model, to serve without shardps",
+                       description="Writes the model of the latest checkpoint in CHECKPOINT_DIR as a .keras file that "
+                       "keras.models.load_model reads without shardps or Ray: dense weights as trained, each embedding "
+                       "table as IntegerLookup + Embedding layers holding its rows (ids without a row read zeros).")
+    p.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR", help="a --checkpoint-dir of shardps train")
+    p.add_argument("--out", required=True, help="the model file to write (name ending in .keras)")
+    p.add_argument("--model", metavar="module:function",
+                   help="the model function the run trained (default: the one the checkpoint names)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show TensorFlow's logs")
+    p.set_defaults(run=_run_export, parser=p)
+    return p
+
+
+def _run_export(args, parser) -> int:
+    from shardps.store import checkpoint
+
+    if not args.out.endswith(".keras"):
+        parser.error(f"--out must name a .keras file. Received: {args.out!r}")
+    if args.model is not None and ":" not in args.model:
+        parser.error(f"--model must be module:function (a built-in model is named by its checkpoint). "
+                     f"Received: {args.model!r}")
+    if checkpoint.latest(args.checkpoint_dir) is None:
+        parser.error(f"no checkpoint in {args.checkpoint_dir!r} (no LATEST file or manifest.json there)")
+    from shardps.training.export import export  # imports TensorFlow: only after the flags are good
+    from shardps.training.models import load_function
+
+    path = export(args.checkpoint_dir, args.out, None if args.model is None else load_function(args.model))
+    print(f"wrote {path}: load it with keras.models.load_model (no shardps needed)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardps", description="A sharded parameter server on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what shardps does")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _export_parser(sub)
     bench = sub.add_parser("bench", help="run a benchmark script from a source checkout (see benchmarks/)",
                            description="Runs `python -m benchmarks.cli WHICH [flags]` from a source checkout; "
                            "`python -m benchmarks.cli --help` lists the benchmarks.")

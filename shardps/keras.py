@@ -102,13 +102,21 @@ class Embedding(keras.layers.Layer):
         positions = tf.searchsorted(self.lookup.ids, tf.reshape(ids, [-1]))
         positions = tf.minimum(positions, tf.shape(self.lookup.ids, out_type=positions.dtype)[0] - 1)  # padding
         rows = tf.reshape(tf.gather(self.lookup.rows, positions), tf.concat([tf.shape(ids), [self.dim]], 0))
+        return self.combine(ids, rows)
+
+    def combine(self, ids, rows):
+        """The output given ``rows``, the rows of ``ids``: them, or per example their sum or mean less padding.
+
+        In ``keras.ops``, so that an exported model (``shardps export``) computes it with standard Keras.
+        """
         if not self.combiner:
             return rows
-        real = tf.cast(tf.not_equal(ids, self.pad_id), rows.dtype)[..., None]
-        total = tf.reduce_sum(rows * real, axis=-2)
+        ops = keras.ops
+        real = ops.expand_dims(ops.cast(ops.not_equal(ids, self.pad_id), rows.dtype), -1)
+        total = ops.sum(rows * real, axis=-2)
         if self.combiner == "sum":
             return total
-        return total / tf.maximum(tf.reduce_sum(real, axis=-2), 1.0)
+        return total / ops.maximum(ops.sum(real, axis=-2), 1.0)
 
     def compute_output_shape(self, input_shape):
         shape = tuple(input_shape)

@@ -34,6 +34,23 @@ def test_bad_flags_exit_2_before_ray_starts(monkeypatch, capsys, argv):
     assert "usage: shardps train" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["export", "{ckpt}", "--out", "model.h5"], "--out must name a .keras file"),
+    (["export", "{missing}", "--out", "model.keras"], "no checkpoint in"),
+    (["export", "{ckpt}", "--out", "model.keras", "--model", "widedeep"], "--model must be module:function"),
+    (["export", "{ckpt}"], "--out"),
+])
+def test_bad_export_flags_exit_2_before_tensorflow_loads(tmp_path, capsys, argv, message):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "LATEST").write_text("ckpt-00000001")
+    argv = [a.format(ckpt=tmp_path / "ckpt", missing=tmp_path / "nothing") for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert "usage: shardps export" in (err := capsys.readouterr().err) and message in err
+    assert not list(tmp_path.glob("*.keras")) and not list(tmp_path.glob("*.h5"))
+
+
 def test_config_errors_name_the_flag_as_typed(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--model", "widedeep", "--table-lr", "nan"])

@@ -12,7 +12,8 @@ files: :mod:`shardps.store.snapshot` gathers a store's state and loads it back.
 
 Inside: ``manifest.json`` (format version, the store's id, step, optimizer
 and its hyperparameters, block size, shard count, keys with shape, dtype and
-optimizer step, and per shard its version and record of applied pushes) and
+optimizer step, per shard its version and record of applied pushes, and
+``meta``: what the caller stored with it, e.g. how to rebuild the model) and
 ``arrays.npz`` (``p<i>`` parameters, ``s<i>.<slot>`` optimizer state, ``i`` =
 index of the key in the manifest).
 
@@ -52,7 +53,7 @@ def write(path: str | os.PathLike, *, header: dict, params: dict, state: dict, s
     """Write one checkpoint under folder ``path``; returns its folder. Blocks until written and synced.
 
     ``header``: ``{"store", "step", "num_shards", "block_bytes", "optimizer" (config), "shards" (per shard
-    ``{"version", "applied"}``)}``; ``params``/``state``/``steps``: whole tensors by key (state: ``{slot:
+    ``{"version", "applied"}``), "meta" (the caller's JSON object, optional)}``; ``params``/``state``/``steps``: whole tensors by key (state: ``{slot:
     array}``), in registration order; ``tables``: ``{name: (spec as JSON, rows)}``, rows as
     :func:`shardps.store.placement.gather_rows` gives them. Keeps the newest ``keep`` checkpoints.
     """
@@ -256,6 +257,8 @@ def _check_manifest(m, where: Path) -> None:
         bad("store id")
     if not isinstance(m.get("optimizer"), dict):
         bad("optimizer missing")
+    if not isinstance(m.get("meta", {}), dict):
+        bad("meta is not an object")
     shards = m.get("shards", [])
     if not isinstance(shards, list) or len(shards) not in (0, m["num_shards"]) or not all(
             isinstance(s, dict) and _is_count(s.get("version", 0)) for s in shards):

@@ -212,10 +212,11 @@ class Router:
         """Per table: dim, dtype, rows, rows_per_shard, bytes (rows, optimizer state, index), settings. Blocks."""
         return table_stats(self._layout.tables, self.stats())
 
-    def save(self, path, *, step: int = 0, keep: int = 2):
-        """Checkpoint parameters, optimizer state and tables under folder ``path``; see
-        :mod:`shardps.store.snapshot`. Blocks until written; returns the checkpoint's folder."""
-        return snapshot.save(self, path, step=step, keep=keep)
+    def save(self, path, *, step: int = 0, keep: int = 2, meta: dict | None = None):
+        """Checkpoint parameters, optimizer state and tables under folder ``path``, with ``meta`` (a JSON
+        object, read back as ``manifest["meta"]``); see :mod:`shardps.store.snapshot`. Blocks until
+        written; returns the checkpoint's folder."""
+        return snapshot.save(self, path, step=step, keep=keep, meta=meta)
 
     # ---- push ----------------------------------------------------------
     def push(self, values: Mapping[str, Any], *, rows: Mapping[str, tuple] | None = None, wait: bool = True,

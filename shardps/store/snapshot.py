@@ -16,8 +16,9 @@ from shardps.store.placement import gather_rows, slice_rows
 from shardps.store.tables import TableSpec
 
 
-def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Path:
-    """Write ``router``'s parameters, optimizer state and tables as a checkpoint under ``path``.
+def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2, meta: dict | None = None) -> Path:
+    """Write ``router``'s parameters, optimizer state and tables as a checkpoint under ``path``, with ``meta``
+    (a JSON object the caller reads back as ``manifest["meta"]``).
 
     Blocks until written; returns the checkpoint's folder. Pushes that
     complete while the shards are being read may or may not be included.
@@ -29,7 +30,7 @@ def save(router, path: str | os.PathLike, *, step: int = 0, keep: int = 2) -> Pa
               for name, spec in layout.tables.items()}
     header = {"store": router.store_id, "step": int(step), "num_shards": router.num_shards,
               "block_bytes": layout.partitioner.block_bytes, "optimizer": optimizer_config(router.optimizer),
-              "shards": [meta for _, meta, _ in exports]}
+              "shards": [shard for _, shard, _ in exports], "meta": dict(meta or {})}
     return checkpoint.write(path, header=header, params=params, state=state, steps=steps, tables=tables, keep=keep)
 
 

@@ -256,7 +256,8 @@ def _dense_names(variables: list, names: list[str] | None, prefix: str) -> list[
 def _id_sources(model, layers: list[Embedding]) -> list:
     """Per layer: the name of the model input it reads, or the (Keras) tensor it reads if computed."""
     inputs = {id(t): t.name for t in model.inputs}
-    in_graph = {id(node) for nodes in getattr(model, "_nodes_by_depth", {}).values() for node in nodes}
+    graph = getattr(model, "_functional", None) or model  # a Sequential model's graph is a functional one inside
+    in_graph = {id(node) for nodes in getattr(graph, "_nodes_by_depth", {}).values() for node in nodes}
     sources = []
     for layer in layers:
         nodes = [node for node in layer._inbound_nodes if id(node) in in_graph]

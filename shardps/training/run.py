@@ -13,7 +13,7 @@ from shardps.store.cluster import launch, launch_from
 from shardps.training.config import TrainConfig, prepare_folders
 from shardps.training.data import load
 from shardps.training.feed import Examples, RunData
-from shardps.training.models import model_function
+from shardps.training.models import description, model_function
 from shardps.training.history import EvalPoint, History, staleness_summary
 from shardps.training.board import Board, shard_scalars
 from shardps.training.async_ import run_async
@@ -43,12 +43,13 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
     build = model_function(config, data.input_shape, data.num_classes)
     run_data = RunData(Examples(data.x_train, data.y_train), Examples(data.x_test, data.y_test), data.name,
                        data.reference)
-    return run(config, build, run_data, progress=progress, step_delays=step_delays, on_start=on_start)
+    return run(config, build, run_data, progress=progress, step_delays=step_delays, on_start=on_start,
+               model=description(config, data.input_shape, data.num_classes))
 
 
 def run(config: TrainConfig, build: Callable, data: RunData, *, progress: Progress | None = None,
-        step_delays: Sequence[float] | None = None,
-        on_start: Callable[[Any, list], None] | None = None) -> History:
+        step_delays: Sequence[float] | None = None, on_start: Callable[[Any, list], None] | None = None,
+        model: dict | None = None) -> History:
     """Train the model of ``build`` (a model function) on ``data`` with a sharded parameter server.
 
     Blocks until the run ends. First checks, on the driver, that the model
@@ -65,6 +66,8 @@ def run(config: TrainConfig, build: Callable, data: RunData, *, progress: Progre
             (simulates slow workers; for tests and experiments).
         on_start: called with the router and the worker actors once they
             are up (for monitoring and fault-injection tests).
+        model: how to rebuild ``build`` (see :func:`~shardps.training.models.description`;
+            default: from ``config.model``), stored with every checkpoint for ``shardps export``.
 
     Shards that crash are restarted by Ray (up to ``max_restarts`` times)
     when there is something to restart them from: with ``replicas=2`` they
@@ -88,7 +91,9 @@ def run(config: TrainConfig, build: Callable, data: RunData, *, progress: Progre
     replica = checked_replica(build, data, config)
     steps = config.steps_for(len(data.train))
     history = History(config.mode, config.num_shards, config.num_workers, data.name, reference=data.reference)
-    ps, history.start_step = _open_store(config, replica)
+    described = model or description(config)
+    meta = {"model": described} if described else {}
+    ps, history.start_step = _open_store(config, replica, meta)
     start = history.start_step
     with ps:
         if start >= steps:
@@ -103,7 +108,7 @@ def run(config: TrainConfig, build: Callable, data: RunData, *, progress: Progre
             if config.logdir:
                 board = Board(config.logdir, f"{config.mode}-{config.num_shards}shards")
                 history.logdir = str(board.path)
-            on_step = _on_step(ps, replica, validation, config, history, progress, board)
+            on_step = _on_step(ps, replica, validation, config, history, progress, board, meta)
             every = config.eval_every or config.steps_per_epoch(len(data.train))
             if config.mode == "sync":
                 run_sync(ps, crew, start, steps, on_step, config, every)
@@ -126,8 +131,9 @@ def run(config: TrainConfig, build: Callable, data: RunData, *, progress: Progre
     return history
 
 
-def _open_store(config: TrainConfig, model):
-    """Launch the shards: from the latest checkpoint on ``resume``, else with fresh weights.
+def _open_store(config: TrainConfig, model, meta: dict):
+    """Launch the shards: from the latest checkpoint on ``resume``, else with fresh weights; checkpoints
+    written here carry ``meta``.
 
     Returns ``(router, step to start from)``.
     """
@@ -143,7 +149,7 @@ def _open_store(config: TrainConfig, model):
         log.warning("resuming from %s at step %d", checkpoint.latest(config.checkpoint_dir), manifest["step"])
         ps = launch_from(saved, num_shards=config.num_shards, **launch_kwargs)
         if manifest["num_shards"] != config.num_shards:  # a restarting shard needs a checkpoint of this layout
-            _or_shutdown(ps, lambda: ps.save(config.checkpoint_dir, step=manifest["step"]))
+            _or_shutdown(ps, lambda: ps.save(config.checkpoint_dir, step=manifest["step"], meta=meta))
         return ps, manifest["step"]
     if config.resume:
         log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
@@ -155,7 +161,7 @@ def _open_store(config: TrainConfig, model):
             ps.register_table(name, spec.dim, initializer=spec.initializer, optimizer=spec.optimizer,
                               min_count=spec.min_count, max_rows=spec.max_rows, seed=spec.seed)
         if config.checkpoint_dir:
-            ps.save(config.checkpoint_dir, step=0)  # so a shard that crashes early has something to reload
+            ps.save(config.checkpoint_dir, step=0, meta=meta)  # so a shard that crashes early has something to reload
 
     _or_shutdown(ps, fill)
     return ps, 0
@@ -171,8 +177,9 @@ def _or_shutdown(ps, action: Callable[[], None]) -> None:
 
 
 def _on_step(ps, model, validation, config: TrainConfig, history: History, progress: Progress | None,
-             board: Board | None):
-    """``on_step(step, logs, evaluate_now=, total=)``: report, evaluate, checkpoint and log to TensorBoard.
+             board: Board | None, meta: dict):
+    """``on_step(step, logs, evaluate_now=, total=)``: report, evaluate, checkpoint (with ``meta``) and log to
+    TensorBoard.
 
     ``logs``: the workers' per-step logs (loss and metrics) since the last evaluation.
     """
@@ -198,7 +205,7 @@ def _on_step(ps, model, validation, config: TrainConfig, history: History, progr
         every = config.checkpoint_every or total
         if config.checkpoint_dir and (int(step) // every > saved // every or (step >= total and saved < total)):
             saved = int(step)
-            event["checkpoint"] = ps.save(config.checkpoint_dir, step=saved)
+            event["checkpoint"] = ps.save(config.checkpoint_dir, step=saved, meta=meta)
         if progress is not None:
             progress(event)
 
