@@ -3,10 +3,11 @@
     python -m benchmarks.criteo_training --rows 1000000 --steps 300 --rounds 2 --out bench-out/criteo-training
 
 The file is generated (:func:`benchmarks.criteo_read.generate`: 26 Zipf-like
-categorical fields, 13 integers, 5 % missing), read into memory by
-``--dataset criteo`` and trained in each mode and shard count, the
-configurations taking turns round after round. Examples/s over the whole
-training (the trainers' ``samples_per_s``), medians over rounds.
+categorical fields, 13 integers, 5 % missing), read by ``--dataset criteo``
+(Ray Data, into the object store) and trained in each mode and shard count,
+the configurations taking turns round after round. Examples/s over the whole
+training (the trainers' ``samples_per_s``, reading not included), medians
+over rounds.
 """
 from __future__ import annotations
 

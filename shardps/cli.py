@@ -125,6 +125,11 @@ def _run_train(args, parser) -> int:
     config = _config_from(args, parser)
     from shardps.training.run import train  # imports TensorFlow: only after the flags are good
 
+    if config.dataset == "criteo" and not getattr(args, "verbose", False):
+        from shardps.training.feed import quiet_ray_data_logs
+
+        quiet_ray_data_logs(logging.CRITICAL)  # Ray Data reads the logs; a malformed line is reported below
+
     reporter = _Reporter(enabled=True)
     try:  # Ray's init installs its own SIGTERM handler: put ours back once the run is up
         history = train(config, progress=reporter, on_start=lambda ps, workers: _end_on_sigterm())

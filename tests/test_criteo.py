@@ -1,5 +1,6 @@
 """Criteo-format click logs: parsing against hand-computed values, the documented id formula, malformed
 lines, and training on such a file in each mode."""
+import functools
 import gzip
 import subprocess
 import sys
@@ -159,3 +160,56 @@ def test_each_mode_trains_on_a_criteo_file_and_every_id_gets_its_rows(ray_sessio
     assert history.dataset == "criteo" and history.steps == config.steps_for(1000)
     assert history.summary()["table_rows"] == 2 * distinct  # emb and wide: one row per id trained on, in each
     assert np.isfinite(history.points[-1].metrics["logloss"])
+
+
+def _as_arrays(ds) -> tuple:
+    rows = ds.to_pandas()
+    return (np.stack(rows["label"]).astype(np.float32), np.stack(rows["dense"]), np.stack(rows["ids"]))
+
+
+def test_the_ray_dataset_streams_what_read_reads_gzip_and_plain(ray_session, tmp_path):
+    rng = np.random.default_rng(1)
+    lines = [line(str(rng.integers(2)), [str(v) if v % 5 else "" for v in rng.integers(-2, 50, 13)],
+                  [f"{v:08x}" if v % 7 else "" for v in rng.integers(0, 2**32, 26)]) for _ in range(3000)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("".join(lines[:1000]))
+    with gzip.open(tmp_path / "data" / "b.txt.gz", "wt") as f:
+        f.write("".join(lines[1000:]))
+    want = criteo.read(tmp_path / "data")
+    got = _as_arrays(criteo.dataset(tmp_path / "data"))
+    for a, b in zip(got, want[:3]):  # in file order
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_ray_dataset_names_a_malformed_line_or_skips_it(ray_session, tmp_path):
+    path = tmp_path / "day_2.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(line() + line("0") + line().replace("\t", "", 1) + line(label="2") + line())
+    with pytest.raises(ValueError, match="^[^ ]*day_2.gz:3: expected 40 tab-separated fields, found 39$"):
+        criteo.materialized(criteo.dataset(path))
+    assert _as_arrays(criteo.dataset(path, skip_malformed=True))[0].tolist() == [1.0, 0.0, 1.0]
+    with pytest.raises(FileNotFoundError):
+        criteo.dataset(tmp_path / "nope")
+
+
+def test_fit_trains_on_the_ray_dataset_of_a_criteo_file(ray_session, tmp_path):
+    import shardps
+    from shardps.training.models.builtin import widedeep
+
+    path = tmp_path / "clicks.txt"
+    _click_log(path, 1200)
+    history = shardps.fit(functools.partial(widedeep, 26, 13, embedding_dim=4), criteo.dataset(path),
+                          label="label", validation_data=criteo.dataset(path), batch_size=64, mode="async")
+    assert history.steps == 1200 // 2 // 64 + 1 and np.isfinite(history.history["val_loss"][-1])
+    assert history.history["val_auc"][-1] > 0.6
+
+
+@pytest.mark.slow  # Ray and TensorFlow in a subprocess
+def test_the_cli_names_a_malformed_line_and_says_nothing_else(tmp_path):
+    path = tmp_path / "day_3.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(line() * 50 + line(ints=["1", "x7", *["1"] * 11]) + line() * 50)
+    out = subprocess.run([sys.executable, "-m", "shardps.cli", "train", "--model", "widedeep", "--dataset", "criteo",
+                          "--data-dir", str(path), "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"shardps: error: {path}:51: integer feature 2 is not an integer: b'x7'"

@@ -107,3 +107,22 @@ def test_batches_random_access_matches_the_stream():
     for epoch in range(3):  # each epoch is a permutation of the data
         assert sorted(flat[epoch * 10:(epoch + 1) * 10].tolist()) == list(range(10))
     assert not np.array_equal(flat[:10], flat[10:20])  # reshuffled
+
+
+@pytest.mark.parametrize("read_batches", [1, 32])
+def test_stream_batches_of_a_ray_dataset_are_consecutive_rows_epoch_after_epoch(ray_session, monkeypatch,
+                                                                                read_batches):
+    import ray.data
+
+    monkeypatch.setattr(feed, "READ_BATCHES", read_batches)
+    rows = np.arange(10)
+    ds = ray.data.from_items([{"x": [float(i), -float(i)], "label": i} for i in rows], override_num_blocks=3)
+    stream = feed.StreamBatches(ds, "label", batch_size=4)
+    try:
+        for k in [0, 1, 2, 3, 4, 4, 1, 5]:  # forward, again (a retried step), back (a replaced worker)
+            x, y = stream.batch(k)
+            want = rows[np.arange(4 * k, 4 * k + 4) % 10]
+            np.testing.assert_array_equal(y, want)
+            np.testing.assert_array_equal(x["x"], np.stack([want, -want], axis=1).astype(float))
+    finally:
+        stream.close()

@@ -217,6 +217,19 @@ def _use_ray(address: str | None, num_cpus: int | None) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def using_ray(address: str | None = None, num_cpus: int | None = None):
+    """Ray for the ``with`` block: started or joined as :func:`launch` does (and left at the end, after
+    the stores launched inside), or the Ray already running. For work that needs Ray before the shards
+    exist (reading a Ray dataset)."""
+    shares_ray = _use_ray(address, num_cpus)
+    try:
+        yield
+    finally:
+        if shares_ray:
+            _leave_ray()
+
+
 def _leave_ray() -> None:
     global _ray_users
     _ray_users -= 1

@@ -45,14 +45,12 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-def load(name: str = "auto", *, data_dir: str | None = None, download: bool = False, seed: int = 0,
-         **criteo_options) -> Dataset:
-    """Load a dataset by name (see :data:`DATASETS`).
+def load(name: str = "auto", *, data_dir: str | None = None, download: bool = False, seed: int = 0) -> Dataset:
+    """Load a dataset held in memory by name (see :data:`DATASETS`; ``criteo``: :func:`criteo_data`).
 
     ``auto`` is MNIST when its files are found locally, else digits; with a
     ``data_dir`` it is MNIST from there (a folder given and not used would be
     ignored silently).
-    ``criteo`` reads ``data_dir`` (``criteo_options``: see :func:`load_criteo`).
 
     Raises:
         ValueError: unknown name.
@@ -79,8 +77,6 @@ def load(name: str = "auto", *, data_dir: str | None = None, download: bool = Fa
 
         *arrays, reference = ctr.generate(seed=seed)
         return Dataset("ctr", *arrays, 2, reference)
-    if name == "criteo":
-        return load_criteo(data_dir, **criteo_options)
     raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS}")
 
 
@@ -173,28 +169,29 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype, offset=header).reshape(dims)
 
 
-def load_criteo(path: str, *, test_data: str | None = None, test_rows: int | None = None,
-                skip_malformed: bool = False) -> Dataset:
-    """Criteo-format click logs (:mod:`shardps.training.criteo`) as a click dataset, read whole into memory.
+def criteo_data(path: str, *, test_data: str | None = None, test_rows: int | None = None,
+                skip_malformed: bool = False):
+    """Criteo-format click logs (:mod:`shardps.training.criteo`) as a run's data, through Ray Data.
 
-    The test set is ``test_data`` if given, else the last ``test_rows`` rows
-    (default: the last 10 %, at least one). Raises ``FileNotFoundError`` /
-    ``ValueError`` as :func:`criteo.read` does, and ``ValueError`` when
-    nothing is left to train on.
+    Ray Data tasks read and parse the files (each streamed, never whole in
+    one process) into Ray's object store, which spills to disk what does
+    not fit in it; the workers read their parts from there. The test set is
+    ``test_data`` if given, else the last ``test_rows`` rows (default: the
+    last 10 %, at least one). Needs Ray running. Raises ``FileNotFoundError``
+    / ``ValueError`` as :func:`criteo.files` does, ``ValueError`` naming the
+    file and line of a malformed line (unless ``skip_malformed``), and
+    ``ValueError`` when nothing is left to train on.
     """
-    from shardps.training import criteo, ctr
+    from shardps.training import criteo
+    from shardps.training.feed import RayExamples, RunData
 
-    train = criteo.read(path, skip_malformed=skip_malformed)
-    if train.skipped:
-        log.warning("left out %d malformed lines of %s", train.skipped, path)
-    x = np.empty(len(train.label), ctr.examples_dtype(criteo.NUM_CATEGORICAL, criteo.NUM_DENSE))
-    x["ids"], x["dense"] = train.ids, train.dense
+    examples = criteo.materialized(criteo.dataset(path, skip_malformed=skip_malformed))
     if test_data is not None:
-        test = criteo.read(test_data, skip_malformed=skip_malformed)
-        x_test = np.empty(len(test.label), x.dtype)
-        x_test["ids"], x_test["dense"] = test.ids, test.dense
-        return Dataset("criteo", x, train.label, x_test, test.label, 2)
-    held = test_rows if test_rows is not None else max(1, len(x) // 10)
-    if held >= len(x):
-        raise ValueError(f"{path}: {len(x)} examples leave none to train on after holding out {held}")
-    return Dataset("criteo", x[:-held], train.label[:-held], x[-held:], train.label[-held:], 2)
+        test = criteo.materialized(criteo.dataset(test_data, skip_malformed=skip_malformed))
+    else:
+        total = examples.count()
+        held = test_rows if test_rows is not None else max(1, total // 10)
+        if held >= total:
+            raise ValueError(f"{path}: {total} examples leave none to train on after holding out {held}")
+        examples, test = examples.split_at_indices([total - held])
+    return RunData(RayExamples(examples, "label"), RayExamples(test, "label"), "criteo")

@@ -31,6 +31,7 @@ from shardps.store import checkpoint
 from shardps.training.models import from_description
 from shardps.training.replica import Replica
 
+
 def export(checkpoint_dir: str | os.PathLike, path: str | os.PathLike, build: Callable | None = None) -> Path:
     """Write the model of the latest checkpoint in ``checkpoint_dir`` as a plain Keras model file ``path``.
 

@@ -13,7 +13,9 @@ or a resumed run reads the same data again.
 """
 from __future__ import annotations
 
+import importlib
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,6 +122,13 @@ def quiet_ray_data(dataset) -> None:
     context.enable_auto_log_stats = False
 
 
+def quiet_ray_data_logs(level: int = logging.ERROR) -> None:
+    """Ray Data's own log lines (notices, execution summaries) in this process only from ``level`` up: for
+    shardps's own processes (its workers, the CLI), never called in a user's."""
+    importlib.import_module("ray.data")  # sets its loggers' levels when imported: ours comes after
+    logging.getLogger("ray.data").setLevel(level)
+
+
 def split_label(batch: dict, label: str) -> tuple[dict, np.ndarray]:
     """A Ray dataset's numpy batch as ``(inputs, labels)``; list columns (object arrays of equal-length
     arrays, as Parquet list columns come) stacked into 2-D arrays."""
@@ -128,6 +137,9 @@ def split_label(batch: dict, label: str) -> tuple[dict, np.ndarray]:
 
     inputs = {name: dense(column) for name, column in batch.items() if name != label}
     return inputs, dense(batch[label])
+
+
+READ_BATCHES = 32  # mini-batches a worker takes from Ray Data at once
 
 
 @dataclass
@@ -183,6 +195,7 @@ class DatasetPart:
     label: str
 
     def batches(self, batch_size: int, seed: int):
+        quiet_ray_data_logs()  # in the worker
         return StreamBatches(self.dataset, self.label, batch_size)
 
 
@@ -250,6 +263,7 @@ class StreamBatches:
         if self._last is not None and self._last[0] == k:
             return self._last[1]
         if self._stream is None or k < self._next:
+            self.close()
             self._stream, self._next = self._read(), 0
         while self._next <= k:
             found = next(self._stream)
@@ -257,21 +271,28 @@ class StreamBatches:
         self._last = (k, found)
         return found
 
+    def close(self) -> None:
+        """Stop reading (the Ray Data iterator is closed now, not whenever it is garbage-collected)."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
     def _read(self):
-        carry: list = []
-        held = 0
+        """The endless stream of mini-batches: consecutive ``batch_size`` rows of the dataset, epoch after
+        epoch. Ray Data hands over chunks of many batches (its per-batch conversion costs more than a slice)."""
+        x, y, at = None, np.empty(0), 0  # rows read and not yet handed out: from `at` on
         for _ in itertools.count():
             empty = True
-            for chunk in self._dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
-                chunk, y = split_label(chunk, self._label)
-                carry.append((chunk, y))
-                held += len(y)
-                empty = empty and len(y) == 0
-                while held >= self.batch_size:
-                    x_all, y_all = _concat([c[0] for c in carry]), np.concatenate([c[1] for c in carry])
-                    yield take(x_all, slice(0, self.batch_size)), y_all[:self.batch_size]
-                    rest = take(x_all, slice(self.batch_size, None))
-                    carry, held = [(rest, y_all[self.batch_size:])], len(y_all) - self.batch_size
+            for chunk in self._dataset.iter_batches(batch_size=self.batch_size * READ_BATCHES, batch_format="numpy",
+                                                    prefetch_batches=0):
+                chunk_x, chunk_y = split_label(chunk, self._label)
+                empty = empty and len(chunk_y) == 0
+                if at < len(y):  # a few rows left over: they come first
+                    chunk_x, chunk_y = _concat([take(x, slice(at, None)), chunk_x]), np.concatenate([y[at:], chunk_y])
+                x, y, at = chunk_x, chunk_y, 0
+                while len(y) - at >= self.batch_size:
+                    yield take(x, slice(at, at + self.batch_size)), y[at:at + self.batch_size]
+                    at += self.batch_size
             if empty:
                 raise ValueError("a worker got no training examples: use fewer workers")
 

@@ -9,9 +9,9 @@ import time
 from typing import Any, Callable, Sequence
 
 from shardps.store import checkpoint
-from shardps.store.cluster import launch, launch_from
+from shardps.store.cluster import launch, launch_from, using_ray
 from shardps.training.config import TrainConfig, prepare_folders
-from shardps.training.data import load
+from shardps.training.data import criteo_data, load
 from shardps.training.feed import Examples, RunData
 from shardps.training.models import description, model_function
 from shardps.training.history import EvalPoint, History, staleness_summary
@@ -37,14 +37,29 @@ def train(config: TrainConfig, *, progress: Progress | None = None,
     and what :func:`run` raises.
     """
     prepare_folders(config)
-    data = load(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
-                **({"test_data": config.test_data, "test_rows": config.test_rows, "skip_malformed": config.skip_malformed}
-                   if config.dataset == "criteo" else {}))
+    options = {"progress": progress, "step_delays": step_delays, "on_start": on_start}
+    if config.dataset == "criteo":
+        return _train_on_criteo(config, options)
+    data = load(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed)
     build = model_function(config, data.input_shape, data.num_classes)
     run_data = RunData(Examples(data.x_train, data.y_train), Examples(data.x_test, data.y_test), data.name,
                        data.reference)
-    return run(config, build, run_data, progress=progress, step_delays=step_delays, on_start=on_start,
-               model=description(config, data.input_shape, data.num_classes))
+    return run(config, build, run_data, model=description(config, data.input_shape, data.num_classes), **options)
+
+
+def _train_on_criteo(config: TrainConfig, options: dict) -> History:
+    """:func:`train` on Criteo-format files, read through Ray Data (:func:`criteo_data`): Ray starts (or is
+    joined) first, once the paths are known to hold files."""
+    from shardps.training import criteo
+
+    for path in (config.data_dir, config.test_data):
+        if path is not None:
+            criteo.files(path)  # FileNotFoundError / ValueError before anything starts
+    shape = (criteo.NUM_CATEGORICAL, criteo.NUM_DENSE)
+    with using_ray(config.address, config.num_cpus):
+        data = criteo_data(config.data_dir, test_data=config.test_data, test_rows=config.test_rows,
+                           skip_malformed=config.skip_malformed)
+        return run(config, model_function(config, shape, 2), data, model=description(config, shape, 2), **options)
 
 
 def run(config: TrainConfig, build: Callable, data: RunData, *, progress: Progress | None = None,

@@ -63,6 +63,8 @@ def description(config, input_shape: tuple | None = None, num_classes: int | Non
 
 def from_description(described: dict) -> Callable:
     """The model function :func:`description` described. Raises ``ValueError`` if it cannot be rebuilt."""
+    if not isinstance(described, dict):
+        raise ValueError(f"a model description must be a JSON object. Received: {described!r:.200}")
     if "function" in described:
         return load_function(described["function"])
     try:
