@@ -204,7 +204,9 @@ def dataset(path: str | os.PathLike, *, skip_malformed: bool = False):
     / ``ValueError`` as :func:`files`); a malformed line fails the dataset's
     execution with a ``ValueError`` naming its file and line, or with
     ``skip_malformed`` is left out (the count logged by the task).
-    Needs Ray running (``ray.init()``), as every Ray dataset does.
+    Needs Ray running (``ray.init()``), as every Ray dataset does; on a
+    cluster the read tasks run on any node, so the files must be on storage
+    every node sees at the same path.
     """
     import pyarrow as pa
     import ray.data
