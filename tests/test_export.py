@@ -178,6 +178,8 @@ def test_export_refuses_a_checkpoint_of_another_model_and_writes_nothing(widedee
     with pytest.raises(ValueError, match=r"does not hold this model's weights: missing 6: dense/bias, .*, table t, table z; "
                                          r"not in the model 8: deep1/bias, .*, ..."):
         shardps.export(ckpt, tmp_path / "m.keras", build=user_model)
+    with pytest.raises(ValueError, match=r"does not hold this model's weights: missing 6: dense/bias"):
+        shardps.fit(user_model, *clicks(64), steps=1, checkpoint_dir=str(ckpt), resume=True)  # the same check
     with pytest.raises(ValueError, match=r"\.keras"):
         shardps.export(ckpt, tmp_path / "m.h5")
     (ckpt_bad := tmp_path / "bad").mkdir()

@@ -57,35 +57,12 @@ def export(checkpoint_dir: str | os.PathLike, path: str | os.PathLike, build: Ca
                              f"had no importable name): pass it (shardps export --model module:function)")
         build = from_description(described)
     replica = Replica(build)
-    _check_matches(saved, replica, checkpoint_dir)
+    replica.check_saved(saved, checkpoint_dir)
     replica.set_weights(saved.params)
     served = plain_model(replica.model, saved.tables)
     path.parent.mkdir(parents=True, exist_ok=True)
     served.save(path)
     return path
-
-
-def _check_matches(saved: checkpoint.Checkpoint, replica: Replica, where) -> None:
-    """Raise ``ValueError`` unless the checkpoint holds exactly the model's dense keys (same shapes) and tables
-    (same width)."""
-    model = {name: tuple(value.shape) for name, value in replica.get_weights().items()}
-    stored = {name: tuple(value.shape) for name, value in saved.params.items()}
-    model.update({f"table {name}": (spec.dim,) for name, spec in replica.tables.items()})
-    stored.update({f"table {t['name']}": (t["dim"],) for t in saved.manifest["tables"]})
-    if model != stored:
-        missing, extra = sorted(set(model) - set(stored)), sorted(set(stored) - set(model))
-        shapes = [f"{k}: {stored[k]} saved, {model[k]} in the model" for k in model.keys() & stored.keys()
-                  if model[k] != stored[k]]
-        raise ValueError(f"the checkpoint in {where} does not hold this model's weights: "
-                         + "; ".join(part for part in (_few("missing", missing), _few("not in the model", extra),
-                                                       *shapes[:4]) if part))
-
-
-def _few(what: str, names: list[str]) -> str:
-    """``what`` and up to 6 of ``names`` ("" for none)."""
-    if not names:
-        return ""
-    return f"{what} {len(names)}: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
 
 
 def plain_model(model, tables: dict) -> "keras.Model":

@@ -95,6 +95,21 @@ class Replica:
                              + "; ".join(part for part in (f"missing {missing}" if missing else "",
                                                            f"extra {extra}" if extra else "") if part))
 
+    def check_saved(self, saved, where) -> None:
+        """Raise ``ValueError`` naming the differences unless checkpoint ``saved`` (what
+        ``checkpoint.read`` returns) holds exactly this model's dense keys (same shapes) and tables (same width)."""
+        model = {name: tuple(v.shape) for name, v in zip(self.names, self._vars)}
+        stored = {name: tuple(value.shape) for name, value in saved.params.items()}
+        model.update({f"table {name}": (spec.dim,) for name, spec in self.tables.items()})
+        stored.update({f"table {t['name']}": (t["dim"],) for t in saved.manifest["tables"]})
+        if model != stored:
+            missing, extra = sorted(set(model) - set(stored)), sorted(set(stored) - set(model))
+            shapes = [f"{k}: {stored[k]} saved, {model[k]} in the model" for k in model.keys() & stored.keys()
+                      if model[k] != stored[k]]
+            raise ValueError(f"the checkpoint in {where} does not hold this model's weights: "
+                             + "; ".join(part for part in (_few("missing", missing), _few("not in the model", extra),
+                                                           *shapes[:4]) if part))
+
     def get_weights(self) -> dict[str, np.ndarray]:
         """The dense weights held now (the model's initial ones until :meth:`set_weights`)."""
         return {name: v.numpy() for name, v in zip(self.names, self._vars)}
@@ -270,6 +285,13 @@ def _id_sources(model, layers: list[Embedding]) -> list:
     return sources
 
 
+
+
+def _few(what: str, names: list[str]) -> str:
+    """``what`` and up to 6 of ``names`` ("" for none)."""
+    if not names:
+        return ""
+    return f"{what} {len(names)}: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
 
 
 def _name(fn) -> str:

@@ -157,10 +157,8 @@ def _open_store(config: TrainConfig, model, meta: dict):
                      "max_restarts": config.max_restarts if recoverable else 0, "checkpoint_dir": config.checkpoint_dir}
     if config.resume and checkpoint.latest(config.checkpoint_dir) is not None:
         saved = checkpoint.read(config.checkpoint_dir)
-        manifest, params = saved.manifest, saved.params
-        if set(params) != set(model.names) or set(saved.tables) != set(model.tables):
-            raise ValueError(f"checkpoint in {config.checkpoint_dir} holds {sorted([*params, *saved.tables])[:4]}..., "
-                             f"not the weights of this model ({sorted([*model.names, *model.tables])[:4]}...)")
+        manifest = saved.manifest
+        model.check_saved(saved, config.checkpoint_dir)
         log.warning("resuming from %s at step %d", checkpoint.latest(config.checkpoint_dir), manifest["step"])
         ps = launch_from(saved, num_shards=config.num_shards, **launch_kwargs)
         if manifest["num_shards"] != config.num_shards:  # a restarting shard needs a checkpoint of this layout
