@@ -53,8 +53,8 @@ def write(path: str | os.PathLike, *, header: dict, params: dict, state: dict, s
     """Write one checkpoint under folder ``path``; returns its folder. Blocks until written and synced.
 
     ``header``: ``{"store", "step", "num_shards", "block_bytes", "optimizer" (config), "shards" (per shard
-    ``{"version", "applied"}``), "meta" (the caller's JSON object, optional)}``; ``params``/``state``/``steps``: whole tensors by key (state: ``{slot:
-    array}``), in registration order; ``tables``: ``{name: (spec as JSON, rows)}``, rows as
+    ``{"version", "applied"}``), "meta" (the caller's JSON object, optional)}``;
+    ``params``/``state``/``steps``: whole tensors by key (state: ``{slot: array}``), in registration order; ``tables``: ``{name: (spec as JSON, rows)}``, rows as
     :func:`shardps.store.placement.gather_rows` gives them. Keeps the newest ``keep`` checkpoints.
     """
     root = Path(path)
