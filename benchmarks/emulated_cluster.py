@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import print_table, write_rows
+from shardps.store.wire import RAY_CONFIG
 
 PREFIX = "sps"
 SUBNET = "10.200.0"
@@ -63,7 +64,8 @@ class EmulatedCluster:
         self.client_mbit = client_mbit
         self.temp_root = Path(temp_root)
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_object_manager_pull_timeout_ms": "60000",
-                    "RAY_USAGE_STATS_ENABLED": "0"}
+                    "RAY_USAGE_STATS_ENABLED": "0",
+                    **{f"RAY_{k}": str(v) for k, v in RAY_CONFIG.items()}}  # as shardps's README says to start nodes
 
     @property
     def address(self) -> str:

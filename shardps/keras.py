@@ -44,11 +44,16 @@ class RowLookup:
 
     def bind(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Use ``rows`` for ``ids`` (ascending, unique) from now on. An empty batch binds one zero row."""
-        if len(ids) == 0:
-            ids, rows = np.zeros(1, np.int64), np.zeros((1, self.dim), np.float32)
+        ids, rows = self.padded(ids, rows)
         self.ids.assign(ids)
         self.rows.assign(rows)
         self.bound = True
+
+    def padded(self, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What :meth:`bind` assigns for ``(ids, rows)``: them, or one zero row for none (a lookup needs one)."""
+        if len(ids) == 0:
+            return np.zeros(1, np.int64), np.zeros((1, self.dim), np.float32)
+        return ids, rows
 
 
 @keras.saving.register_keras_serializable(package="shardps")

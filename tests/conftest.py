@@ -14,6 +14,7 @@ import ray
 
 import shardps
 from shardps.store.cluster import _loopback_only
+from shardps.store.wire import RAY_CONFIG
 
 
 _SLOW_MODULES = {"test_multinode", "test_security"}  # every test there runs Ray in a subprocess
@@ -41,7 +42,8 @@ def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     temp_dir = tempfile.mkdtemp(prefix="sps-", dir="/tmp")  # short: Ray's socket paths live here
     with _loopback_only():  # as a local launch() does
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False)
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False,
+                 _system_config=RAY_CONFIG)
     yield
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)

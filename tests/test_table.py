@@ -39,7 +39,7 @@ def test_row_index_grows_and_stays_compact():
     slots = index.insert(ids)
     np.testing.assert_array_equal(slots, np.arange(len(ids)))  # slots are dense: row arrays need no holes
     np.testing.assert_array_equal(index.lookup(ids[::-1]), slots[::-1])
-    assert index.nbytes <= 12 / 0.6 * len(ids) + 12 * 16  # 12-byte cells, at most 1/0.6 per row right after growing
+    assert index.nbytes <= 12 / 0.4 * len(ids) + 12 * 16  # 12-byte cells, at most 1/0.4 per row right after growing
     with pytest.raises(ValueError):
         index.insert(ids[:3])  # already there
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-INLINE_BYTES = 100 * 1024  # Ray's max_direct_call_object_size: larger args go via the object store
+INLINE_BYTES = 1 << 20  # Ray's max_direct_call_object_size as a local launch() sets it (Ray's default: 100 KiB)
+RAY_CONFIG = {"max_direct_call_object_size": INLINE_BYTES}  # for a Ray that shardps starts: see start_ray
 
 
 def to_wire(array: np.ndarray):

@@ -33,12 +33,13 @@ class StepClock:
             self._max_lead = max(self._max_lead, lead)
             return lead
 
-    async def tick(self, worker: int, done: int, logs: dict) -> None:
-        """Record that ``worker`` finished ``done`` steps, the last with ``logs`` (its loss and metrics)."""
+    async def tick(self, worker: int, done: int, logs: list[dict]) -> None:
+        """Record that ``worker`` finished ``done`` steps, the last ``len(logs)`` of them with ``logs``
+        (their loss and metrics)."""
         async with self._cond:
             self._max_lead = max(self._max_lead, done - 1 - min(self._done))  # while it ran step done - 1
             self._done[worker] = done
-            self._logs.append(logs)
+            self._logs.extend(logs)
             self._cond.notify_all()
 
     async def progress(self) -> dict:

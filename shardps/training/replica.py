@@ -141,25 +141,36 @@ class Replica:
             self._lookups[table].bind(ids, weights[table])
         self._bound = dict(rows_ids or {})
 
-    def bind_zeros(self, x) -> None:
-        """Bind zero rows for the ids of ``x`` (a step that talks to no shard: warm-up, checks)."""
+    def zero_rows(self, x) -> tuple[dict, dict]:
+        """``(weights, rows_ids)`` for a step on ``x`` that talks to no shard (warm-up, checks): the dense
+        weights held now and zero rows for the ids of ``x``."""
         needed = self.rows_needed(x)
         zeros = {table: np.zeros((len(ids), self.tables[table].dim), np.float32) for table, ids in needed.items()}
-        self.set_weights({**self.get_weights(), **zeros}, needed)
+        return {**self.get_weights(), **zeros}, needed
 
-    def compute_gradients(self, x, y) -> tuple[dict, dict, dict]:
-        """Gradients of the compiled loss on ``(x, y)`` at the weights set last.
+    def compute_gradients(self, x, y, weights: dict | None = None,
+                          rows_ids: dict[str, np.ndarray] | None = None) -> tuple[dict, dict, dict]:
+        """Gradients of the compiled loss on ``(x, y)`` at ``weights`` (as :meth:`set_weights` takes them,
+        with every table's rows), or at the weights set last.
 
+        Given weights are assigned inside the traced step, not one eager
+        assignment per variable (which cost more than the step's compute).
         Returns ``(dense grads by name, {table: (ids, grads)}, logs)``; ``logs``
         holds ``"loss"`` and each compiled metric on this batch.
         Raises ``ValueError`` if the loss is not a scalar.
         """
-        inputs = self._inputs(x)
+        inputs, values = self._inputs(x), None
+        if weights is not None:
+            bound = [self._lookups[t].padded(rows_ids[t], weights[t]) for t in self.tables]
+            values = ([weights[name] for name in self.names], [i for i, _ in bound], [r for _, r in bound])
+            for lookup in self._lookups.values():
+                lookup.bound = True
+            self._bound = dict(rows_ids)
         if self._grad_fn is None:
-            grads, loss, logs = self._gradients(inputs, y)
+            grads, loss, logs = self._gradients(inputs, y, values)
             self._grad_fn = tf.function(self._gradients, reduce_retracing=True)
         else:
-            grads, loss, logs = self._grad_fn(inputs, tf.convert_to_tensor(y))
+            grads, loss, logs = self._grad_fn(inputs, tf.convert_to_tensor(y), values)
         grads = [g.numpy() for g in grads]
         dense = dict(zip(self.names, grads))
         rows = {}
@@ -168,9 +179,14 @@ class Replica:
             rows[table] = (ids, g[:len(ids)])  # an empty batch bound one padding row
         return dense, rows, {"loss": float(loss), **{k: float(v) for k, v in logs.items() if k != "loss"}}
 
-    def _gradients(self, x, y):
+    def _gradients(self, x, y, values=None):
         model = self.model
         lookups = [self._lookups[table].rows for table in self.tables]
+        if values is not None:
+            dense, ids, rows = values
+            for variable, value in zip(self._vars + [self._lookups[t].ids for t in self.tables] + lookups,
+                                       list(dense) + list(ids) + list(rows)):
+                variable.assign(value)
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
@@ -322,6 +338,5 @@ def checked_replica(build: Callable, data, config) -> Replica:
         if examples is not None:
             replica.check_columns(examples.columns(), role)
     x, y = data.train.head(min(config.batch_size, len(data.train)))
-    replica.bind_zeros(x)
-    replica.compute_gradients(x, y)
+    replica.compute_gradients(x, y, *replica.zero_rows(x))
     return replica

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import ray
 
+REPORT_EVERY_S = 0.1  # ASP: how often a worker reports its finished steps to the clock
 
 
 class Worker:
@@ -41,8 +42,9 @@ class Worker:
         """Where this worker's time went: ``{"steps": n, phase: seconds, ...}``.
 
         Phases: ``turn`` (waiting for the SSP clock), ``pull`` (waiting for
-        weights), ``set_weights``, ``compute`` (forward, backward, gradients to
-        numpy), ``push`` (sending, and waiting while too many are unacknowledged).
+        weights), ``compute`` (setting the weights, forward, backward,
+        gradients to numpy), ``push`` (sending, and waiting while too many are
+        unacknowledged).
         """
         return {"steps": self._steps, **self._phase_s}
 
@@ -69,10 +71,8 @@ class Worker:
     def _gradients(self, x, y, pulled: tuple) -> tuple[dict, dict, dict]:
         """Compute on ``(x, y)`` at the ``(weights, rows' ids)`` pulled; return ``(dense grads,
         {table: (ids, grads)}, logs)``."""
-        with self._timed("set_weights"):
-            self._model.set_weights(*pulled)
         with self._timed("compute"):
-            return self._model.compute_gradients(x, y)
+            return self._model.compute_gradients(x, y, *pulled)
 
     def run(self, first: int, steps: int, clock, *, bounded: bool = True, max_inflight: int = 2,
             step_delay: float = 0.0, batch_offset: int = 0, prefetch: bool = False) -> int:
@@ -84,51 +84,65 @@ class Worker:
 
         Before each step asks ``clock`` for permission if the run is
         ``bounded`` (SSP; a round trip per step that ASP skips) and reports
-        each finished step with its logs (loss and metrics). At most ``max_inflight``
+        finished steps with their logs (loss and metrics): SSP after each
+        step, ASP every ``REPORT_EVERY_S`` seconds and after the last (a call
+        per step cost the clock a sixth of a core), so a replaced ASP worker
+        redoes the steps of its last fraction of a second. At most ``max_inflight``
         pushes are unacknowledged at a time; all are acknowledged on return.
-        ``prefetch`` (ASP only: it reads weights one step early): the pull for
-        step ``i + 1`` is sent before step ``i``'s gradient is computed, so it
-        travels while TensorFlow works; its weights then lack this worker's
-        own push ``i``, which the shards count as one more step of staleness.
+        ``prefetch`` (ASP only: it reads weights one step early): the weights
+        for step ``i + 2`` are asked for in the same call per shard as step
+        ``i``'s push (``Router.push_pull``), so they travel while TensorFlow
+        computes step ``i + 1``, and a step costs one call per shard, not
+        two; step ``i + 1``'s weights then lack this worker's own push ``i``,
+        which the shards count as one more step of staleness.
         ``step_delay`` seconds of extra work per step simulate a slow worker.
         Returns the number of steps done.
         """
-        inflight: deque = deque()
-        ahead = None  # the pull already sent for this step
+        inflight: deque = deque()  # pushes not known to be applied, oldest first
+        ahead: deque = deque()  # Pulls sent for the coming steps, in step order
+        unreported, reported_at = [], time.perf_counter()
         for step in range(first, steps):
             if bounded:
                 with self._timed("turn"):
                     ray.get(clock.wait_turn.remote(self.index, step))
             x, y = self._batches.batch(batch_offset + step)
             with self._timed("pull"):
-                weights = (ahead if ahead is not None else self._pull(x)).wait()
-            if prefetch and step + 1 < steps:
-                ahead = self._pull(self._batches.batch(batch_offset + step + 1)[0])
-            else:
-                ahead = None
+                if not ahead:  # the first step, or no prefetch
+                    ahead.append(self._pull(x))
+                if prefetch and len(ahead) == 1 and step + 1 < steps:  # the first step: the next one's pull alone
+                    ahead.append(self._pull(self._batches.batch(batch_offset + step + 1)[0]))
+                weights = ahead.popleft().wait()
             dense, rows, logs = self._gradients(x, y, weights)
             if step_delay:
                 time.sleep(step_delay)  # simulated slowness, not synchronisation
             with self._timed("push"):
-                inflight.append(self._router.push(dense, rows=rows, wait=False))
+                if prefetch and step + 2 < steps:
+                    needed = self._model.rows_needed(self._batches.batch(batch_offset + step + 2)[0])
+                    handle = self._router.push_pull(dense, self._model.names, rows=rows, pull_rows=needed, wait=False)
+                    ahead.append(Pull(handle, needed))
+                else:
+                    handle = self._router.push(dense, rows=rows, wait=False)
+                inflight.append(handle)
                 while len(inflight) > max_inflight:
                     inflight.popleft().wait()
             self._steps += 1
-            clock.tick.remote(self.index, step + 1, logs)
+            unreported.append(logs)
+            if bounded or step + 1 == steps or time.perf_counter() - reported_at >= REPORT_EVERY_S:
+                clock.tick.remote(self.index, step + 1, unreported)
+                unreported, reported_at = [], time.perf_counter()
         for handle in inflight:
             handle.wait()
         return steps - first
 
     def warm_up(self) -> int:
-        """Compute one gradient on this worker's first batch at the model's initial weights; returns the pid.
+        """Compute gradients on this worker's first batches at the model's initial weights; returns the pid.
 
         Traces TensorFlow's function before the run's clock starts (what
         Keras does on its first ``fit`` step). Talks to no shard, changes nothing.
         """
-        x, y = self._batches.batch(0)
-        self._model.bind_zeros(x)
-        self._model.compute_gradients(x, y)  # eagerly: builds the loss and metrics
-        self._model.compute_gradients(x, y)  # traced
+        for batch in (0, 0, 1):  # eagerly (builds the loss and metrics), traced, and for any number of rows
+            x, y = self._batches.batch(batch)
+            self._model.compute_gradients(x, y, *self._model.zero_rows(x))
         return os.getpid()
 
     def pid(self) -> int:
@@ -137,7 +151,7 @@ class Worker:
 
 
 class Pull:
-    """A pull on its way: ``wait()`` gives ``(weights, {table: ids})``, what ``Replica.set_weights`` takes."""
+    """A pull on its way: ``wait()`` gives ``(weights, {table: ids})``, what ``Replica.compute_gradients`` takes."""
 
     def __init__(self, handle, needed: dict):
         self._handle, self._needed = handle, needed

