@@ -5,8 +5,9 @@
 
 The same wide & deep model (8 fields, dim-16 embeddings + a wide weight per
 id, MLP 64-32-1, Adam 0.002 for the dense part, Adagrad 0.05 on the rows of
-the batch's de-duplicated ids) trained for one epoch over the ``ctr``
-dataset's synthetic clicks by:
+the batch's de-duplicated ids; accuracy, logloss and AUC computed on every
+training batch, as the built-in model does) trained for one epoch over the
+``ctr`` dataset's synthetic clicks by:
 
 - ``keras``: one process, Keras 3 ``fit`` (``steps_per_execution``), its
   tables updated by TensorFlow's sparse Adagrad kernel
@@ -19,6 +20,8 @@ dataset's synthetic clicks by:
   drives the ClusterCoordinator; Keras 3's cannot) with its sparse Adagrad
   (the same kernel after de-duplicating ids).
 - ``shardps-sync-S``, ``shardps-async-S``: ``shardps.train``, 2 workers, S shards.
+- ``keras-bare``, ``pss-1-bare``: the same without metrics, the fastest those
+  two go (TensorFlow's parameter server halves its speed computing them).
 
 Each run is a child process of its own (an in-process TensorFlow cluster
 cannot be shut down); configurations take turns round after round.
@@ -47,7 +50,7 @@ from benchmarks.common import median, print_table, write_rows
 
 FIELDS, DENSE, VOCAB, DIM = 8, 4, 100_000, 16  # the ctr dataset's defaults
 DENSE_LR, TABLE_LR, EPS = 0.002, 0.05, 1e-7
-PEERS = ("keras", "pss-1", "pss-2", "shardps-sync-1", "shardps-sync-2", "shardps-sync-4",
+PEERS = ("keras", "keras-bare", "pss-1", "pss-1-bare", "pss-2", "shardps-sync-1", "shardps-sync-2", "shardps-sync-4",
          "shardps-async-1", "shardps-async-2", "shardps-async-4")
 
 
@@ -77,7 +80,14 @@ def _layers(k, tf):
     h = k.layers.Dense(32, activation="relu", name="deep2")(h)
     wide_sum = k.layers.Flatten()(k.layers.Lambda(lambda t: tf.reduce_sum(t, axis=1))(wide(ids)))
     logit = k.layers.Add()([k.layers.Dense(1, name="deep_out")(h), wide_sum])
-    return {"ids": ids, "dense": dense}, k.layers.Flatten()(logit), (emb, wide)
+    return {"ids": ids, "dense": dense}, k.layers.Lambda(lambda t: tf.squeeze(t, -1))(logit), (emb, wide)
+
+
+def _metrics(k) -> list:
+    """The built-in widedeep's compiled metrics (shardps computes them on every training batch): the peers too."""
+    return [k.metrics.BinaryAccuracy(threshold=0.0, name="accuracy"),
+            k.metrics.BinaryCrossentropy(from_logits=True, name="logloss"),
+            k.metrics.AUC(num_thresholds=1000, from_logits=True, name="auc")]
 
 
 def _keras(args, x, y, x_test, y_test) -> dict:
@@ -108,7 +118,7 @@ def _keras(args, x, y, x_test, y_test) -> dict:
     model.tables = tables
     model.accumulators = [tf.Variable(tf.zeros(t.embeddings.shape), trainable=False) for t in tables]
     model.compile(optimizer=keras.optimizers.Adam(DENSE_LR), loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                  steps_per_execution=args.steps_per_execution)
+                  metrics=_metrics(keras) if args.metrics else None, steps_per_execution=args.steps_per_execution)
     start = time.perf_counter()
     model.fit(x, y, batch_size=args.batch, epochs=1, shuffle=True, verbose=0)
     wall = time.perf_counter() - start
@@ -167,7 +177,8 @@ def _pss(args, num_ps: int, x, y, x_test, y_test) -> dict:
         model = WideDeep(inputs, logit)
         model.row_optimizer = k.optimizers.legacy.Adagrad(TABLE_LR, initial_accumulator_value=0.0, epsilon=EPS)
         model.compile(optimizer=k.optimizers.legacy.Adam(DENSE_LR),
-                      loss=k.losses.BinaryCrossentropy(from_logits=True), steps_per_execution=args.steps_per_execution)
+                      loss=k.losses.BinaryCrossentropy(from_logits=True), metrics=_metrics(k) if args.metrics else None,
+                      steps_per_execution=args.steps_per_execution)
         tickets = tf.Variable(0, dtype=tf.int64)  # on a ps: hands each worker's dataset its own half
 
     features, labels = (x["ids"], x["dense"]), y
@@ -210,7 +221,8 @@ def run_one(args) -> dict:
     """One configuration in this process: ``args.peer`` at ``args.batch``."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     x, y, x_test, y_test = _data(args.num_train)
-    if args.peer == "keras":
+    args.metrics = not args.peer.endswith("-bare")
+    if args.peer.startswith("keras"):
         return _keras(args, x, y, x_test, y_test)
     if args.peer.startswith("pss-"):
         return _pss(args, int(args.peer.split("-")[1]), x, y, x_test, y_test)
@@ -258,13 +270,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       f"AUC {result['test_auc']:.4f}", flush=True)
     rows = _rows(runs)
     write_rows(args.out, "ctr_peers", rows)
-    print_table(rows, ["peer", "batch", "examples_per_s", "vs_keras", "vs_pss_1", "test_auc", "test_logloss",
-                       "total_s"])
+    print_table(rows, ["peer", "batch", "examples_per_s", "vs_keras", "vs_keras_bare", "vs_pss_1", "vs_pss_1_bare",
+                       "test_auc", "test_logloss", "total_s"])
     return rows
 
 
 def _rows(runs: dict) -> list[dict]:
-    """One row per (peer, batch): medians over rounds, and ratios to that batch's keras and pss-1 rows."""
+    """One row per (peer, batch): medians over rounds, and ratios to that batch's keras and pss-1 rows
+    (with and without metrics)."""
     rows = []
     for (peer, batch), results in runs.items():
         row = {"peer": peer, "batch": batch, "rounds": len(results),
@@ -276,7 +289,7 @@ def _rows(runs: dict) -> list[dict]:
                         for k in results[0]["ms_per_step"]})
         rows.append(row)
     for row in rows:
-        for ref in ("keras", "pss-1"):
+        for ref in ("keras", "keras-bare", "pss-1", "pss-1-bare"):
             base = [r["examples_per_s"] for r in rows if r["peer"] == ref and r["batch"] == row["batch"]]
             if base:
                 row[f"vs_{ref.replace('-', '_')}"] = row["examples_per_s"] / base[0]

@@ -43,7 +43,7 @@ def ray_session():
     temp_dir = tempfile.mkdtemp(prefix="sps-", dir="/tmp")  # short: Ray's socket paths live here
     with _loopback_only():  # as a local launch() does
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False,
-                 _system_config=RAY_CONFIG)
+                 _system_config=dict(RAY_CONFIG))
     yield
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)

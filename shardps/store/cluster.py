@@ -59,7 +59,7 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None,
         log.info("starting a local Ray with %d CPUs", num_cpus)
         with _loopback_only():
             ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
-                     object_store_memory=object_store_bytes, _system_config=RAY_CONFIG)
+                     object_store_memory=object_store_bytes, _system_config=dict(RAY_CONFIG))  # Ray adds to it
     return True
 
 

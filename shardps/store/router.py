@@ -273,6 +273,40 @@ class Router:
         return self._send_push(call, [s for s, msgs in enumerate(messages) if msgs], lambda acks: None,
                                wait=wait, timeout=timeout, step=step, base_version=base_version)
 
+    def push_mean_pull(self, pairs: list[list], *, step: int, base_version: int | None = None,
+                       wait: bool = True, timeout: float | None = None):
+        """:meth:`push_mean`, each worker's pull for its next step answered in the same call per shard.
+
+        ``pairs[s]``: per worker ``(pack message for shard s, that shard's
+        request of the worker's :meth:`pull_requests` plan)``, or ObjectRefs
+        to them (not for replicated shards: use :meth:`push_mean` there).
+        The result is, per worker, its replies by shard, for :meth:`pulled`:
+        every one reflects this update. Blocking and errors as :meth:`push`.
+        """
+        if self._replicas:
+            raise ValueError("push_mean_pull() is not for replicated shards: use push_mean() and pull()")
+        asked = [s for s, msgs in enumerate(pairs) if msgs]
+
+        def per_worker(replies: list) -> list[list]:
+            workers = len(pairs[asked[0]]) if asked else 0
+            return [[replies[asked.index(s)][1][w] if s in asked else None for s in range(self.num_shards)]
+                    for w in range(workers)]
+
+        return self._send_push(lambda s, tag: self._shards[s].push_mean_pull.remote(tag, *pairs[s]), asked,
+                               per_worker, wait=wait, timeout=timeout, step=step, base_version=base_version)
+
+    def pull_requests(self, keys: Iterable[str] | str | None = None, *,
+                      rows: Mapping[str, Any] | None = None) -> wire_messages.PullPlan:
+        """The per-shard requests of a :meth:`pull` of ``keys`` and ``rows`` (sent by someone else, as
+        :meth:`push_mean_pull` does); :meth:`pulled` turns the replies into its result. Raises as :meth:`pull`."""
+        return wire_messages.plan_pull(self._layout, keys, rows)
+
+    def pulled(self, plan: wire_messages.PullPlan, replies: list) -> dict:
+        """The result of ``plan`` (:meth:`pull_requests`) from the shards' ``replies`` (per shard, None
+        where it was not asked), as :meth:`pull` returns it."""
+        asked = [s for s, request in enumerate(plan.requests) if request is not None]
+        return self._unpack(plan, asked, [replies[s] for s in asked])
+
     def pack(self, values: Mapping[str, Any], rows: Mapping[str, tuple] | None = None) -> list[tuple | None]:
         """Validate ``values`` (and ``rows``, as :meth:`push`) and build one push message per shard
         (``None``: not involved; the form is :mod:`shardps.store.messages`'s).

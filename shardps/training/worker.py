@@ -48,20 +48,35 @@ class Worker:
         """
         return {"steps": self._steps, **self._phase_s}
 
-    def sync_step(self, step: int) -> tuple:
-        """Pull, compute on mini-batch ``step``; return ``(logs, message for shard 0, ..., shard S-1)``.
+    def sync_step(self, step: int, replies: list | None = None, ahead: bool = False) -> tuple:
+        """Compute on mini-batch ``step``; return ``(logs, output for shard 0, ..., shard S-1)``.
 
-        Called with ``num_returns = 1 + num_shards`` so each message becomes
+        The weights are ``replies`` (the shards' answers to the pull this
+        worker planned in its previous call, as ``Router.push_mean_pull``
+        hands them out) or, when None, pulled here. An output is the shard's
+        push message or, with ``ahead``, ``(message, request)``: also this
+        worker's pull request for mini-batch ``step + 1``, answered in the
+        same call as the update (one round trip per step, not two).
+        Called with ``num_returns = 1 + num_shards`` so each output becomes
         its own object ref that the driver hands to its shard unopened.
         """
         x, y = self._batches.batch(step)
         with self._timed("pull"):
-            weights = self._pull(x).wait()
+            if replies is not None:
+                plan, needed = self._planned
+                weights = (self._router.pulled(plan, replies), needed)
+            else:
+                weights = self._pull(x).wait()
         dense, rows, logs = self._gradients(x, y, weights)
         with self._timed("push"):
-            messages = self._router.pack(dense, rows)
+            outputs = self._router.pack(dense, rows)
+            if ahead:
+                needed = self._model.rows_needed(self._batches.batch(step + 1)[0])
+                plan = self._router.pull_requests(self._model.names, rows=needed)
+                self._planned = (plan, needed)
+                outputs = list(zip(outputs, plan.requests))
         self._steps += 1
-        return (logs, *messages)
+        return (logs, *outputs)
 
     def _pull(self, x) -> "Pull":
         """Start pulling what batch ``x`` needs (dense keys and its rows, one message per shard)."""

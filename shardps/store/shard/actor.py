@@ -218,6 +218,18 @@ class ParameterShard:
         them): sync training on replicated shards, the refs go on to the replica unopened."""
         return self.push_mean(tag, *refs)
 
+    def push_mean_pull(self, tag: tuple | None, *pairs) -> tuple[int, list]:
+        """Sync training: :meth:`push_mean` of the workers' messages, then each worker's pull for its next step.
+
+        ``pairs``: per worker ``(message, request)`` (either may be None).
+        Returns ``(version, [(version, answer) or None per worker])``, the
+        answers as :meth:`pull` gives them, every one after this update.
+        Raises as :meth:`push_mean`, and ``ValueError`` for a malformed request (the update then stands).
+        """
+        version = self.push_mean(tag, *[message for message, _ in pairs])
+        segments = Tag(*tag).segments if tag else None
+        return version, [None if request is None else self.pull((segments, request)) for _, request in pairs]
+
     def pull(self, packet: tuple = (None, None)) -> tuple[int, tuple]:
         """Current values: ``packet = (segments, request)`` -> ``(version, (dense, rows))``.
 
