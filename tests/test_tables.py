@@ -196,3 +196,32 @@ def test_small_rows_travel_as_bytes_large_as_arrays_and_both_match_the_oracle(ma
     probe = np.arange(3 * big)
     np.testing.assert_array_equal(ps.table("t").pull(probe), oracle.pull(probe))
     np.testing.assert_array_equal(ps.pull(["w"])["w"], np.full(4, 4.0))
+
+
+def test_push_mean_pull_answers_each_workers_next_pull_after_the_update_once(make_ps, num_shards):
+    """Sync training's one call per shard: the workers' mean update, then each worker's own pull; a re-sent
+    step is not applied twice. Oracle: the same store shape doing push_mean, then the pulls."""
+    stores = [make_ps(num_shards, optimizer=SGD(lr=0.5)) for _ in range(2)]
+    for ps in stores:
+        ps.register({"w": np.arange(6, dtype=np.float32), "b": np.ones(3, np.float32)})
+        ps.register_table("t", DIM, initializer=Uniform(-0.1, 0.1), optimizer=Adagrad(lr=0.1), seed=5)
+    fused, oracle = stores
+    batches = list(_batches(seed=7, n=4))
+    for step in range(1, 3):
+        grads = [({"w": np.full(6, w + step, np.float32), "b": np.full(3, -1.0, np.float32)},
+                  {"t": batches[2 * (step - 1) + w]}) for w in range(2)]
+        next_ids = [batches[(2 * step + w) % 4][0][::-1] for w in range(2)]  # duplicates, any order
+        plans = [fused.pull_requests(["w", "b"], rows={"t": ids}) for ids in next_ids]
+        packed = [fused.pack(dense, rows) for dense, rows in grads]
+        pairs = [[(packed[w][s], plans[w].requests[s]) for w in range(2)] for s in range(num_shards)]
+        answers = fused.push_mean_pull(pairs, step=step)
+        assert fused.push_mean_pull(pairs, step=step)  # the same step again: answered, not applied
+        oracle.push_mean([[oracle.pack(dense, rows)[s] for dense, rows in grads] for s in range(num_shards)], step=step)
+        for w in range(2):
+            got, want = fused.pulled(plans[w], answers[w]), oracle.pull(["w", "b"], rows={"t": next_ids[w]})
+            assert set(got) == set(want) == {"w", "b", "t"}
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    probe = np.concatenate([ids for ids, _ in batches])
+    np.testing.assert_array_equal(fused.table("t").pull(probe), oracle.table("t").pull(probe))
+    assert [s["pushes"] for s in fused.stats()] == [s["pushes"] for s in oracle.stats()]
