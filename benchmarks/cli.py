@@ -13,6 +13,7 @@ _SCRIPTS = {
     "profile": ("benchmarks.profile_push", "where one push spends its time, client and shard"),
     "replication": ("benchmarks.replication", "push/pull cost of replicas=2 vs none"),
     "ctr": ("benchmarks.ctr_throughput", "widedeep CTR training examples/s vs shards and vs one process"),
+    "ctr-peers": ("benchmarks.ctr_peers", "widedeep CTR training vs one-process Keras and ParameterServerStrategy"),
     "criteo": ("benchmarks.criteo_read", "reading Criteo-format logs: rows/s vs pandas + a Python id loop"),
     "criteo-training": ("benchmarks.criteo_training", "widedeep on a Criteo-format file: examples/s vs shards"),
     "tables": ("benchmarks.tables", "embedding tables: rows/s vs shards, dict-actor and numpy baselines, bytes/row"),

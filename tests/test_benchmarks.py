@@ -160,3 +160,19 @@ def test_criteo_training_benchmark_trains_and_reports_each_configuration(ray_ses
     rows = json.loads((tmp_path / "criteo_training.json").read_text())
     assert [(r["mode"], r["shards"]) for r in rows] == [("async", 1), ("async", 2)]
     assert all(r["examples_per_s"] > 0 and r["table_rows"] > 0 and 0 <= r["test_auc"] <= 1 for r in rows)
+
+
+def test_ctr_peers_reports_medians_and_ratios_to_the_references_of_the_same_batch():
+    from benchmarks.ctr_peers import _rows
+
+    def run(speed, auc=0.8):
+        return {"examples_per_s": speed, "train_s": 1.0, "total_s": 2.0, "test_auc": auc, "test_logloss": 0.47}
+
+    runs = {("keras", 256): [run(100), run(300), run(200)], ("pss-1", 256): [run(50)],
+            ("shardps-async-1", 256): [run(400, 0.7), run(600, 0.9)], ("keras", 2048): [run(1000)]}
+    rows = {(r["peer"], r["batch"]): r for r in _rows(runs)}
+    assert rows["keras", 256]["examples_per_s"] == 200 and rows["keras", 256]["min"] == 100
+    mine = rows["shardps-async-1", 256]
+    assert mine["examples_per_s"] == 500 and mine["test_auc"] == 0.8
+    assert mine["vs_keras"] == 2.5 and mine["vs_pss_1"] == 10 and "vs_keras_bare" not in mine
+    assert rows["keras", 2048]["vs_keras"] == 1 and "vs_pss_1" not in rows["keras", 2048]  # only its own batch

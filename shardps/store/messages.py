@@ -190,6 +190,13 @@ def message_bytes(message: tuple | None) -> int:
     return total
 
 
+def _unique(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(ids, return_inverse=True)``, without sorting ids already strictly ascending (a trainer's)."""
+    if len(ids) < 2 or (ids[1:] > ids[:-1]).all():
+        return ids, np.arange(len(ids))
+    return np.unique(ids, return_inverse=True)
+
+
 class PullPlan(NamedTuple):
     """What :func:`plan_pull` returns: per-shard requests and how to turn the answers into the result."""
 
@@ -223,7 +230,7 @@ def plan_pull(layout: Layout, keys: Iterable[str] | str | None, rows: Mapping[st
     row_requests: list[dict] = [{} for _ in range(layout.num_shards)]
     for name, ids in (rows or {}).items():
         spec = layout.table_spec(name)
-        unique, inverse = np.unique(as_ids(ids), return_inverse=True)
+        unique, inverse = _unique(as_ids(ids))
         tables[name] = (spec, unique, inverse, by_shard(name, unique, layout.num_shards))
         for s, mask in tables[name][3].items():
             row_requests[s][name] = to_wire(unique[mask])

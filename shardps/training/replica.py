@@ -121,10 +121,19 @@ class Replica:
         computed = iter(self._computed_ids(x))
         per_table: dict[str, list] = {}
         for layer, source in zip(self._layers, self._sources):
-            ids = (x[source] if isinstance(x, dict) else x) if isinstance(source, str) else next(computed)
-            per_table.setdefault(layer.table, []).append(layer.ids_needed(ids))
-        return {name: np.unique(np.concatenate(parts).astype(np.int64, copy=False))
-                for name, parts in per_table.items()}
+            if isinstance(source, str):  # an input: layers reading it alike need the same ids
+                ids, reading = (x[source] if isinstance(x, dict) else x), (source, layer.combiner, layer.pad_id)
+            else:
+                ids, reading = next(computed), id(layer)
+            per_table.setdefault(layer.table, []).append((reading, layer.ids_needed(ids)))
+        sorted_once: dict = {}  # tables whose layers read the same inputs alike (widedeep's two): one sort
+        out = {}
+        for name, parts in per_table.items():
+            readings = tuple(reading for reading, _ in parts)
+            if readings not in sorted_once:
+                sorted_once[readings] = np.unique(np.concatenate([ids for _, ids in parts]).astype(np.int64, copy=False))
+            out[name] = sorted_once[readings]
+        return out
 
     def _computed_ids(self, x) -> list:
         if self._ids_model is None:

@@ -27,6 +27,7 @@ class Worker:
         self._router = router
         self._model = Replica(build, names=names, seed=seed)
         self._batches = part.batches(batch_size, seed=seed * 1000 + index)
+        self._kept: dict = {}  # a mini-batch read ahead, by index (see _batch)
         self._phase_s: Counter = Counter()  # seconds spent per phase of a step, see :meth:`phases`
         self._steps = 0
 
@@ -60,7 +61,7 @@ class Worker:
         Called with ``num_returns = 1 + num_shards`` so each output becomes
         its own object ref that the driver hands to its shard unopened.
         """
-        x, y = self._batches.batch(step)
+        x, y = self._batch(step)
         with self._timed("pull"):
             if replies is not None:
                 plan, needed = self._planned
@@ -71,12 +72,22 @@ class Worker:
         with self._timed("push"):
             outputs = self._router.pack(dense, rows)
             if ahead:
-                needed = self._model.rows_needed(self._batches.batch(step + 1)[0])
+                needed = self._model.rows_needed(self._batch(step + 1, keep=True)[0])
                 plan = self._router.pull_requests(self._model.names, rows=needed)
                 self._planned = (plan, needed)
                 outputs = list(zip(outputs, plan.requests))
         self._steps += 1
         return (logs, *outputs)
+
+    def _batch(self, k: int, keep: bool = False) -> tuple:
+        """Mini-batch ``k``; ``keep``: also kept for the step that trains on it (read once, not twice,
+        when a step plans the pull of a later one)."""
+        batch = self._kept.pop(k, None) or self._batches.batch(k)
+        for stale in [j for j in self._kept if j < k]:  # read for a step that failed and is being redone
+            del self._kept[stale]
+        if keep:
+            self._kept[k] = batch
+        return batch
 
     def _pull(self, x) -> "Pull":
         """Start pulling what batch ``x`` needs (dense keys and its rows, one message per shard)."""
@@ -120,19 +131,19 @@ class Worker:
             if bounded:
                 with self._timed("turn"):
                     ray.get(clock.wait_turn.remote(self.index, step))
-            x, y = self._batches.batch(batch_offset + step)
+            x, y = self._batch(batch_offset + step)
             with self._timed("pull"):
                 if not ahead:  # the first step, or no prefetch
                     ahead.append(self._pull(x))
                 if prefetch and len(ahead) == 1 and step + 1 < steps:  # the first step: the next one's pull alone
-                    ahead.append(self._pull(self._batches.batch(batch_offset + step + 1)[0]))
+                    ahead.append(self._pull(self._batch(batch_offset + step + 1, keep=True)[0]))
                 weights = ahead.popleft().wait()
             dense, rows, logs = self._gradients(x, y, weights)
             if step_delay:
                 time.sleep(step_delay)  # simulated slowness, not synchronisation
             with self._timed("push"):
                 if prefetch and step + 2 < steps:
-                    needed = self._model.rows_needed(self._batches.batch(batch_offset + step + 2)[0])
+                    needed = self._model.rows_needed(self._batch(batch_offset + step + 2, keep=True)[0])
                     handle = self._router.push_pull(dense, self._model.names, rows=rows, pull_rows=needed, wait=False)
                     ahead.append(Pull(handle, needed))
                 else:
