@@ -63,7 +63,7 @@ def test_check_cost_variants_apply_the_push_and_only_the_fused_in_place_one_is_n
 
 
 def test_training_throughput_smoke(ray_session, tmp_path):
-    rows = training_throughput.main(["--modes", "sync", "async", "--shards", "1", "--steps", "2",
+    rows = training_throughput.main(["--modes", "sync", "async", "--shards", "1", "--datasets", "digits",
                                      "--digits-steps", "2", "--model", "mlp", "--rounds", "1", "--out", str(tmp_path)])
     assert {r["mode"] for r in rows} == {"keras-fit", "single-process", "sync", "async"}
     assert all(r["samples_per_s"] > 0 for r in rows)
