@@ -170,6 +170,7 @@ class Replica:
         """
         inputs, values = self._inputs(x), None
         if weights is not None:
+            rows_ids = rows_ids or {}
             bound = [self._lookups[t].padded(rows_ids[t], weights[t]) for t in self.tables]
             values = ([weights[name] for name in self.names], [i for i, _ in bound], [r for _, r in bound])
             for lookup in self._lookups.values():
