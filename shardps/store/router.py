@@ -288,9 +288,11 @@ class Router:
         asked = [s for s, msgs in enumerate(pairs) if msgs]
 
         def per_worker(replies: list) -> list[list]:
+            answers = [None] * self.num_shards  # per shard: its answer per worker
+            for s, (_, per) in zip(asked, replies):
+                answers[s] = per
             workers = len(pairs[asked[0]]) if asked else 0
-            return [[replies[asked.index(s)][1][w] if s in asked else None for s in range(self.num_shards)]
-                    for w in range(workers)]
+            return [[None if per is None else per[w] for per in answers] for w in range(workers)]
 
         return self._send_push(lambda s, tag: self._shards[s].push_mean_pull.remote(tag, *pairs[s]), asked,
                                per_worker, wait=wait, timeout=timeout, step=step, base_version=base_version)
