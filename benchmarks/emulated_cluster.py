@@ -6,12 +6,13 @@ subnet. Host 0 runs the Ray head and the client (the benchmark driver) with
 an unshaped link; hosts 1..N are parameter servers whose links are shaped
 with ``tc tbf`` in both directions (default 250 Mbit/s), one shard per host;
 with ``--client-hosts M``, hosts N+1..N+M each run one concurrent client
-(unshaped links, like host 0's).
+(unshaped links, like host 0's); with ``--ctr`` they run the training workers.
 Every process is stopped by pid at the end (never ``ray stop``, which would
 kill every Ray on the machine).
 
     sudo python -m benchmarks.emulated_cluster --servers 4 --out bench-out/cluster
     sudo python -m benchmarks.emulated_cluster --servers 4 --client-hosts 4 --out bench-out/clients
+    sudo python -m benchmarks.emulated_cluster --servers 4 --ctr --out bench-out/cluster-ctr
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import print_table, write_rows
+from benchmarks.common import median, print_table, write_rows
 from shardps.store.wire import RAY_CONFIG
 
 PREFIX = "sps"
@@ -50,7 +51,7 @@ class EmulatedCluster:
     """Namespaces, links and Ray nodes for ``servers`` server hosts, the driver's host and ``clients`` client hosts.
 
     Server host ``i`` has Ray resources ``{"server": 1, "node<i>": 1}``,
-    client host ``j`` (1-based) ``{"clienthost<j>": 1}``.
+    client host ``j`` (1-based) ``{"clienthost<j>": 1, "clienthost": 1}``.
 
     Use as a context manager: on exit every process in the namespaces is
     stopped by pid and the namespaces and bridge are deleted.
@@ -114,7 +115,7 @@ class EmulatedCluster:
             _run("ip", "netns", "exec", _ns(host), *node, *common, env=self.env)
         for j in range(1, self.clients + 1):
             node = ["ray", "start", f"--address={self.address}", f"--node-ip-address={_ip(self.servers + j)}",
-                    "--resources", json.dumps({f"clienthost{j}": 1})]
+                    "--resources", json.dumps({f"clienthost{j}": 1, "clienthost": 1})]
             _run("ip", "netns", "exec", _ns(self.servers + j), *node, *common, env=self.env)
         self.in_client([sys.executable, "-c", _WAIT_FOR_NODES.format(address=self.address, ip=_ip(0),
                                                                      nodes=len(self._hosts))])
@@ -123,9 +124,14 @@ class EmulatedCluster:
     def _hosts(self) -> range:
         return range(self.servers + self.clients + 1)
 
-    def in_client(self, cmd: list[str]) -> None:
-        """Run ``cmd`` in the client host's namespace, output passed through; raises on failure."""
-        subprocess.run(["ip", "netns", "exec", _ns(0), *cmd], check=True, env=self.env)
+    def in_client(self, cmd: list[str], *, capture: bool = False) -> str | None:
+        """Run ``cmd`` in the client host's namespace; raises on failure.
+
+        Its output is passed through, or with ``capture`` its stdout returned (stderr passed through).
+        """
+        done = subprocess.run(["ip", "netns", "exec", _ns(0), *cmd], check=True, env=self.env,
+                              stdout=subprocess.PIPE if capture else None, text=True)
+        return done.stdout
 
     def close(self) -> None:
         """Stop every process in the namespaces by pid, then delete namespaces and bridge."""
@@ -173,6 +179,12 @@ def main(argv=None) -> None:
     p.add_argument("--tables", action="store_true",
                    help="instead of the sweep: embedding tables, 1 to servers shards and the dict actor "
                         "(benchmarks.tables at 1e6 ids, dim 64, Zipf)")
+    p.add_argument("--ctr", action="store_true",
+                   help="instead of the sweep: CTR training (widedeep, async, one epoch), 1 to servers shards, "
+                        "the workers on --client-hosts hosts of their own (default 2)")
+    p.add_argument("--ctr-runs", type=_dim_batch, nargs="+", default=[(16, 256), (64, 1024), (128, 1024)],
+                   metavar="DIMxBATCH", help="--ctr: embedding width x examples per worker step, one per run "
+                                             "(default: 16x256 64x1024 128x1024)")
     p.add_argument("--client-hosts", type=int, default=0,
                    help="instead of the sweep: this many clients, each on a host of its own, push and pull the "
                         "first workload at once (1 to servers shards and the original actor)")
@@ -181,6 +193,8 @@ def main(argv=None) -> None:
         p.error("needs root (network namespaces and tc)")
     if args.client_hosts < 0 or args.client_hosts == 1:
         p.error("--client-hosts must be 0 (off) or >= 2")
+    if args.ctr:
+        return _ctr(args)
     if args.client_hosts:
         return _client_hosts(args)
     if args.replication:
@@ -220,6 +234,61 @@ def _client_hosts(args) -> None:
     write_rows(args.out, "cluster_client_targets", targets)
     print_table(rows, ["workload", "system", "shards", "clients", "op", "mb_s", "min_mb_s", "max_mb_s", "vs_baseline"])
     print_table(targets, ["target", "value", "ok"])
+
+
+def _ctr(args) -> None:
+    """``shardps train --model widedeep --mode async`` over the cluster: shards on server hosts, one worker per
+    client host, the driver on host 0; 1 to servers shards taking turns for ``--repeats`` rounds."""
+    shards = [s for s in (1, 2, 4, 8) if s <= args.servers]
+    workers = args.client_hosts or 2
+    runs = []
+    with EmulatedCluster(args.servers, server_mbit=args.server_mbit, client_mbit=args.client_mbit or None,
+                         clients=workers) as c:
+        for round_ in range(args.repeats):
+            for (dim, batch), s in ((run, s) for run in args.ctr_runs for s in shards):
+                cmd = [sys.executable, "-m", "shardps.cli", "train", "--model", "widedeep", "--mode", "async",
+                       "--num-shards", str(s), "--num-workers", str(workers), "--address", c.address,
+                       "--shard-resources", json.dumps({"server": 0.01}),
+                       "--worker-resources", json.dumps({"clienthost": 0.01}), "--embedding-dim", str(dim),
+                       "--batch-size", str(batch), "--json"]
+                summary = json.loads(c.in_client(cmd, capture=True).splitlines()[-1])
+                runs.append({"dim": dim, "batch": batch, "shards": s, "round": round_, **{k: summary[k] for k in (
+                    "samples_per_s", "wall_s", "test_auc", "test_logloss")}})
+                print(f"dim {dim}, batch {batch}, {s} shards, round {round_ + 1}: {summary['samples_per_s']:,.0f} examples/s, "
+                      f"AUC {summary['test_auc']:.4f}", flush=True)
+    write_rows(args.out, "cluster_ctr_runs", runs)
+    rows = ctr_rows(runs)
+    write_rows(args.out, "cluster_ctr", rows)
+    print_table(rows, ["dim", "batch", "shards", "examples_s", "min_examples_s", "max_examples_s", "vs_1_shard",
+                       "test_auc"])
+    targets = [{"target": f"CTR training (dim {r['dim']}, batch {r['batch']}), {r['shards']} shards vs 1 >= 3x",
+                "value": r["vs_1_shard"],
+                "ok": r["vs_1_shard"] >= 3} for r in rows if r["shards"] == max(shards) > 1]
+    write_rows(args.out, "cluster_ctr_targets", targets)
+    print_table(targets, ["target", "value", "ok"])
+
+
+def ctr_rows(runs: list[dict]) -> list[dict]:
+    """Median examples/s (min, max) and test AUC per (dim, batch, shards) over rounds; the ratio to 1 shard of
+    the same dim and batch (nan without such a run)."""
+    rows = []
+    for dim, batch, s in dict.fromkeys((r["dim"], r["batch"], r["shards"]) for r in runs):
+        mine = [r for r in runs if (r["dim"], r["batch"], r["shards"]) == (dim, batch, s)]
+        rate = [r["samples_per_s"] for r in mine]
+        rows.append({"dim": dim, "batch": batch, "shards": s, "examples_s": median(rate), "min_examples_s": min(rate),
+                     "max_examples_s": max(rate), "test_auc": median([r["test_auc"] for r in mine])})
+    one = {(r["dim"], r["batch"]): r["examples_s"] for r in rows if r["shards"] == 1}
+    for r in rows:
+        r["vs_1_shard"] = r["examples_s"] / one.get((r["dim"], r["batch"]), float("nan"))
+    return rows
+
+
+def _dim_batch(text: str) -> tuple[int, int]:
+    """``"64x1024"`` -> ``(64, 1024)``."""
+    dim, _, batch = text.partition("x")
+    if not (dim.isdigit() and batch.isdigit() and int(dim) > 0 and int(batch) > 0):
+        raise argparse.ArgumentTypeError(f"expected DIMxBATCH such as 64x1024, got {text!r}")
+    return int(dim), int(batch)
 
 
 def _replication(args) -> None:

@@ -63,6 +63,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="async/ssp: unacknowledged pushes per worker")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--shard-resources", type=_json_object, metavar="JSON",
+                   help='Ray resources each shard needs, e.g. \'{"ps": 0.01}\': shards on the nodes that have them')
+    p.add_argument("--worker-resources", type=_json_object, metavar="JSON", help="the same for each worker")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations on the test set")
     p.add_argument("--checkpoint-dir", help="save checkpoints here (at the end, and every --checkpoint-every steps)")
@@ -79,6 +82,17 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    help="show what shardps, Ray and TensorFlow log")
     p.set_defaults(run=_run_train, parser=p)
     return p
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object from the command line (argparse reports the error with the flag's name)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"ps\": 0.01}}', got {text!r}")
+    return value
 
 
 def _config_from(args, parser) -> TrainConfig:

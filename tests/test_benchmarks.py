@@ -176,3 +176,21 @@ def test_ctr_peers_reports_medians_and_ratios_to_the_references_of_the_same_batc
     assert mine["examples_per_s"] == 500 and mine["test_auc"] == 0.8
     assert mine["vs_keras"] == 2.5 and mine["vs_pss_1"] == 10 and "vs_keras_bare" not in mine
     assert rows["keras", 2048]["vs_keras"] == 1 and "vs_pss_1" not in rows["keras", 2048]  # only its own batch
+
+
+def test_cluster_ctr_rows_take_medians_and_compare_each_run_with_one_shard_of_the_same_dim_and_batch():
+    from benchmarks.emulated_cluster import _dim_batch, ctr_rows
+
+    def run(dim, batch, shards, speed, auc=0.8):
+        return {"dim": dim, "batch": batch, "shards": shards, "samples_per_s": speed, "test_auc": auc}
+
+    runs = [run(16, 256, 1, 100), run(16, 256, 1, 300), run(16, 256, 1, 200), run(16, 256, 4, 500, 0.7),
+            run(16, 256, 4, 700, 0.9), run(64, 1024, 1, 10), run(64, 1024, 4, 45), run(64, 256, 4, 50)]
+    rows = {(r["dim"], r["batch"], r["shards"]): r for r in ctr_rows(runs)}
+    assert rows[16, 256, 1]["examples_s"] == 200 and rows[16, 256, 1]["min_examples_s"] == 100
+    assert rows[16, 256, 4]["examples_s"] == 600 and rows[16, 256, 4]["test_auc"] == 0.8
+    assert rows[16, 256, 4]["vs_1_shard"] == 3 and rows[64, 1024, 4]["vs_1_shard"] == 4.5
+    assert np.isnan(rows[64, 256, 4]["vs_1_shard"])  # no 1-shard run of that batch
+    assert _dim_batch("64x1024") == (64, 1024)
+    with pytest.raises(Exception, match="DIMxBATCH"):
+        _dim_batch("64")

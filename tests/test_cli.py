@@ -25,6 +25,9 @@ from tests.procs import descendants
     ["train", "--model", "widedeep", "--min-count", "0"], ["train", "--model", "widedeep", "--embedding-dim", "0"],
     ["train", "--model", "widedeep", "--max-rows", "0"], ["train", "--model", "widedeep", "--table-lr", "nan"],
     ["train", "--model", "widedeep", "--table-optimizer", "momentum"],
+    ["train", "--shard-resources", "ps"], ["train", "--shard-resources", "[1]"],
+    ["train", "--shard-resources", '{"ps": 0}'], ["train", "--worker-resources", '{"CPU": 1}'],
+    ["train", "--worker-resources", '{"trainer": "1"}'],
 ])
 def test_bad_flags_exit_2_before_ray_starts(monkeypatch, capsys, argv):
     monkeypatch.setattr("shardps.store.cluster.start_ray", lambda *a, **k: pytest.fail("Ray started"))

@@ -34,3 +34,6 @@ def test_node_removed_mid_training_restarts_its_shards_elsewhere(tmp_path, mode,
     assert result["steps"] == 100 and result["final_accuracy"] > 0.8
     assert [(r["shard"], r["from"]) for r in result["recoveries"]] == [(i, source) for i in lost]
     assert result["victim"] not in result["after"]  # the lost shards run on surviving nodes now
+    # placed by shard_resources / worker_resources: shards on the two ps_server nodes, workers on the head only
+    assert len(set(result["before"])) == 2 and result["head"] not in result["before"] + result["after"]
+    assert result["workers"] == [result["head"]] * 2

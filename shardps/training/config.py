@@ -52,6 +52,8 @@ class TrainConfig:
     prefetch: bool = True  # async: send the next step's pull before computing this step's gradient
     address: str | None = None  # Ray cluster to join; None: local (or RAY_ADDRESS)
     num_cpus: int | None = None  # CPUs of a locally started Ray; None: all
+    shard_resources: dict | None = None  # Ray resources each shard needs, e.g. {"ps": 0.01}: shards on those nodes
+    worker_resources: dict | None = None  # the same for each worker, e.g. {"trainer": 0.01}
     block_bytes: int = DEFAULT_BLOCK_BYTES  # tensor split size for sharding
     seed: int = 0  # data split, batches and initial weights
     eval_every: int | None = 50  # steps (per worker) between evaluations; None: once per epoch
@@ -100,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"Argument `epochs` must be a positive finite number. Received: {self.epochs!r}")
         if self.num_cpus is not None:
             _positive_int("num_cpus", self.num_cpus)
+        for name in ("shard_resources", "worker_resources"):
+            _resources(name, getattr(self, name))
         for name in ("checkpoint_dir", "logdir"):
             path = getattr(self, name)
             if path is not None and os.path.exists(path) and not os.path.isdir(path):
@@ -196,6 +200,20 @@ def prepare_folders(config: TrainConfig) -> None:
 def _choice(name, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"Argument `{name}` must be one of {allowed}. Received: {value!r}")
+
+
+def _resources(name, value) -> None:
+    """None, or Ray custom resources: names to positive amounts (CPUs are shardps's to set)."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v) and v > 0 for k, v in value.items()):
+        raise ValueError(f"Argument `{name}` must map Ray resource names to positive numbers, "
+                         f"e.g. {{\"ps\": 0.01}}. Received: {value!r:.80}")
+    if {"CPU", "GPU"} & set(value):
+        raise ValueError(f"Argument `{name}` names Ray's custom resources; CPU and GPU are not among them. "
+                         f"Received: {value!r:.80}")
 
 
 def _positive_int(name, value) -> None:

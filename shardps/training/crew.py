@@ -74,8 +74,8 @@ class Crew:
                              (total_cpus - SHARD_CPUS * shard_actors) / config.num_workers))
         quiet = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")}  # TensorFlow's own switch
         _wait_for_cpus(cpus, config.num_workers, total_cpus)
-        self._actor = ray.remote(Worker).options(num_cpus=cpus, scheduling_strategy="SPREAD",
-                                                 runtime_env={"env_vars": quiet})
+        self._actor = ray.remote(Worker).options(num_cpus=cpus, resources=config.worker_resources or {},
+                                                 scheduling_strategy="SPREAD", runtime_env={"env_vars": quiet})
         self._args = (ps, build, names)
         self._config = config
         self._data = parts

@@ -154,6 +154,7 @@ def _open_store(config: TrainConfig, model, meta: dict):
     """
     recoverable = config.checkpoint_dir or config.replicas > 1  # else a restarted shard has nothing to reload
     launch_kwargs = {"address": config.address, "num_cpus": config.num_cpus, "replicas": config.replicas,
+                     "shard_resources": config.shard_resources,
                      "max_restarts": config.max_restarts if recoverable else 0, "checkpoint_dir": config.checkpoint_dir}
     if config.resume and checkpoint.latest(config.checkpoint_dir) is not None:
         saved = checkpoint.read(config.checkpoint_dir)

@@ -3,9 +3,11 @@
 ``multinode.py store DIR``: prints one JSON line: the nodes the shards ran
 on, and what a pull returned after the node holding a shard was removed.
 
-``multinode.py train DIR MODE REPLICAS``: trains, removes a node holding a
-shard at 40% of the steps, and prints the run's summary, the node removed and
-the shards' nodes before and after.
+``multinode.py train DIR MODE REPLICAS``: trains with the shards on the
+``ps_server`` nodes and the workers on the head (``shard_resources``,
+``worker_resources``), removes a node holding a shard at 40% of the steps,
+and prints the run's summary, the node removed, the head, the workers' nodes
+and the shards' nodes before and after.
 """
 import json
 import sys
@@ -41,8 +43,14 @@ def train(cluster, servers, checkpoint_dir: str, mode: str, replicas: int) -> di
     steps = 100
     saves = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": 10} if replicas == 1 else {}
     config = TrainConfig(mode=mode, num_shards=2, num_workers=2, steps=steps, model="mlp", dataset="digits",
-                         eval_every=50, seed=3, replicas=replicas, **saves)
-    seen = {}
+                         eval_every=50, seed=3, replicas=replicas, shard_resources={"ps_server": 0.01},
+                         worker_resources={"trainer": 0.01}, **saves)
+    seen = {"head": ray.get_runtime_context().get_node_id()}
+
+    def started(ps, workers) -> None:
+        seen["ps"] = ps
+        seen["workers"] = ray.get([w.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
+                                   for w in workers])
 
     def progress(event):
         ps = seen["ps"]
@@ -54,14 +62,15 @@ def train(cluster, servers, checkpoint_dir: str, mode: str, replicas: int) -> di
         if event["step"] >= event["total"]:
             seen["after"] = [s["node"] for s in ps.stats()]
 
-    history = train(config, progress=progress, on_start=lambda ps, workers: seen.update(ps=ps),
+    history = train(config, progress=progress, on_start=started,
                     step_delays=[0.02, 0.02] if mode != "sync" else None)
     seen.pop("ps")
     return {**seen, **history.summary()}
 
 
 def main(scenario: str, checkpoint_dir: str, *args: str) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 if scenario == "train" else 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"trainer": 2}}
+                      if scenario == "train" else {"num_cpus": 1})
     servers = [cluster.add_node(num_cpus=1, resources={"ps_server": 1}) for _ in range(2)]
     ray.init(address=cluster.address)
     try:
