@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from shardps.store.initializers import Normal, Uniform, Zeros
 from shardps.store.shard.index import RowIndex
-from shardps.store.ids import as_ids, segment_sum
+from shardps.store.ids import as_ids, segment_sum, unique
 from shardps.store.placement import shard_of_ids
 
 ID = st.integers(-(2**63), 2**63 - 1)
@@ -84,6 +84,12 @@ def test_zipf_ids_spread_evenly_over_eight_shards():
     counts = np.bincount(shard_of_ids(ids, "user", 8), minlength=8)
     assert counts.max() / counts.mean() <= 1.05
     np.testing.assert_array_equal(shard_of_ids(ids, "user", 8), shard_of_ids(ids, "user", 8))
+
+
+@given(st.lists(ID, max_size=200), st.sampled_from([1, 2]))
+def test_unique_gives_what_np_unique_gives(values, ndim):
+    values = np.array(values, np.int64).reshape((-1, 1) if ndim == 2 else (-1,))
+    np.testing.assert_array_equal(unique(values), np.unique(values))
 
 
 def test_segment_sum_adds_duplicate_ids_like_np_add_at():

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 
 from shardps.store.dedup import AppliedRecord
+from shardps.store.ids import unique
 from shardps.store.optim import check_state, optimizer_from_config
 from shardps.store.tables import COUNT_SLOTS, TableSpec
 
@@ -161,7 +162,7 @@ def _check_values(state: dict, tables: dict, where: Path) -> None:
         for field in ("steps", "touched"):
             if rows[field].size and rows[field].min() < 0:
                 raise ValueError(f"{where}: table {name!r}: negative {field}")
-        if len(np.unique(rows["ids"])) != len(rows["ids"]):
+        if len(unique(rows["ids"])) != len(rows["ids"]):
             raise ValueError(f"{where}: table {name!r} holds an id twice")
 
 

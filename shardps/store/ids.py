@@ -46,6 +46,20 @@ def name_salt(name: str, seed: int = 0) -> np.uint64:
     return np.uint64(xxhash.xxh64_intdigest(name.encode("utf-8"), seed=seed))
 
 
+def unique(values: np.ndarray) -> np.ndarray:
+    """The distinct values of ``values`` (flattened), ascending: ``np.unique`` by sorting.
+
+    numpy 2.4's ``np.unique`` takes a hash-table path for plain calls that is
+    10-35x slower than sorting on int64 ids (16k ids of a CTR batch: 1,050 us
+    against 57 us; 1M: 360 ms against 10 ms).
+    """
+    ordered = np.sort(values, axis=None)
+    first = np.empty(len(ordered), bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    return ordered[first]
+
+
 def segment_sum(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(unique ids ascending, summed rows)``: rows of equal ids added up (sort-based, vectorised).
 

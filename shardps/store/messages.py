@@ -135,7 +135,7 @@ def row_grads(layout: Layout, rows: Mapping[str, Any] | None) -> dict[str, tuple
 def by_shard(name: str, ids: np.ndarray, num_shards: int) -> dict[int, np.ndarray]:
     """Shard -> boolean mask of ``ids`` (of table ``name``) placed there; only shards holding some."""
     owner = shard_of_ids(ids, name, num_shards)
-    return {s: owner == s for s in np.unique(owner).tolist()}
+    return {s: owner == s for s in np.flatnonzero(np.bincount(owner, minlength=num_shards)).tolist()}
 
 
 def pack_push(layout: Layout, flats: Mapping[str, np.ndarray],

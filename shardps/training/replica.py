@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from shardps.keras import Embedding, RowLookup, keras, tf
+from shardps.store.ids import unique
 from shardps.training.models.tf_setup import limit_tf_threads
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class Replica:
         for name, parts in per_table.items():
             readings = tuple(reading for reading, _ in parts)
             if readings not in sorted_once:
-                sorted_once[readings] = np.unique(np.concatenate([ids for _, ids in parts]).astype(np.int64, copy=False))
+                sorted_once[readings] = unique(np.concatenate([ids for _, ids in parts]).astype(np.int64, copy=False))
             out[name] = sorted_once[readings]
         return out
 

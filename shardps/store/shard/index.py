@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shardps.store.ids import as_ids, mix64
+from shardps.store.ids import as_ids, mix64, unique
 
 _FREE, _GONE = -1, -2  # slot values of empty cells; GONE (a tombstone) keeps probe chains intact after a removal
 _MAX_LOAD, _TARGET_LOAD = 0.6, 0.4  # the index grows when 60 % of its cells are taken, to 40 % taken
@@ -86,7 +86,7 @@ class RowIndex:
         they are not probed twice.
         """
         ids = as_ids(ids)
-        if not checked and (len(np.unique(ids)) != len(ids) or (self._find(ids) >= 0).any()):
+        if not checked and (len(unique(ids)) != len(ids) or (self._find(ids) >= 0).any()):
             raise ValueError("insert needs unique ids that are not in the index yet")
         if self._live + self._gone + len(ids) > _MAX_LOAD * len(self._keys):
             self._rebuild(int((self._live + len(ids)) / _TARGET_LOAD) + 16)
@@ -100,7 +100,7 @@ class RowIndex:
     def remove(self, ids) -> np.ndarray:
         """Forget each id (absent ones are ignored); returns the freed slots (reused by later inserts)."""
         cells = self._find(as_ids(ids))
-        cells = np.unique(cells[cells >= 0])
+        cells = unique(cells[cells >= 0])
         freed = self._slots[cells].astype(np.int64)
         self._slots[cells] = _GONE
         self._live -= len(cells)

@@ -27,7 +27,7 @@ import logging
 import numpy as np
 
 from shardps.store.errors import ShardUnavailableError
-from shardps.store.ids import as_ids, mix64, name_salt, segment_sum
+from shardps.store.ids import as_ids, mix64, name_salt, segment_sum, unique
 from shardps.store.shard.index import RowIndex
 from shardps.store.tables import COUNT_SLOTS, TableSpec
 from shardps.store.wire import all_finite, from_wire, rows_from_wire, to_wire
@@ -89,7 +89,7 @@ class EmbeddingTable:
         if slots != set(self._state) or any(np.shape(rows[k]) != (n, self.dim) for k in rows
                                             if k == "params" or k.startswith("slot.")) \
                 or np.shape(rows["steps"]) != (n,) or np.shape(rows["touched"]) != (n,) \
-                or np.shape(rows["counts"]) != self._counts.shape or len(np.unique(ids)) != n:
+                or np.shape(rows["counts"]) != self._counts.shape or len(unique(ids)) != n:
             raise ValueError(f"table {self.name!r}: saved rows do not fit (dim {self.dim}, slots {sorted(self._state)})")
         if self.max_rows is not None and n > self.max_rows:  # restored into more shards: each holds less
             log.warning("table %r: %d saved rows for a cap of %d on this shard: keeping the most recently "
