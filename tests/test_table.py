@@ -86,6 +86,18 @@ def test_zipf_ids_spread_evenly_over_eight_shards():
     np.testing.assert_array_equal(shard_of_ids(ids, "user", 8), shard_of_ids(ids, "user", 8))
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(ID, min_size=1, max_size=300, unique=True), st.floats(0.3, 0.97))
+def test_row_index_rebuilt_nearly_full_keeps_every_slot(ids, load):
+    """A rebuild places entries in one pass; at high load many chains run past the last cell and wrap."""
+    ids = np.array(ids, np.int64)
+    index = RowIndex(capacity=16)
+    slots = index.insert(ids)
+    index._rebuild(max(len(ids) + 1, int(len(ids) / load)))
+    np.testing.assert_array_equal(index.lookup(ids), slots)
+    assert len(index) == len(ids) and (index.lookup(ids + 1)[~np.isin(ids + 1, ids)] == -1).all()
+
+
 @given(st.lists(ID, max_size=200), st.sampled_from([1, 2]))
 def test_unique_gives_what_np_unique_gives(values, ndim):
     values = np.array(values, np.int64).reshape((-1, 1) if ndim == 2 else (-1,))

@@ -123,12 +123,24 @@ class RowIndex:
         return np.concatenate([take, fresh])
 
     def _rebuild(self, capacity: int) -> None:
-        """Re-insert every live entry into a table of ``capacity`` cells (drops tombstones)."""
+        """Re-insert every live entry into a table of ``capacity`` cells (drops tombstones).
+
+        One pass instead of :meth:`_place`'s rounds: taken in order of their home cells, the entries of an
+        empty table each land in the first cell at or after their home that the ones before did not take,
+        ``cell[i] = max(home[i], cell[i - 1] + 1)``, a running maximum. The few whose chain runs past the
+        last cell are placed by :meth:`_place` (wrapping around to the start).
+        """
         ids, slots = self.items()
         self._keys = np.zeros(capacity, np.int64)
         self._slots = np.full(capacity, _FREE, np.int32)
         self._gone = 0
-        self._place(ids, slots)
+        home = self._home(ids)
+        order = np.argsort(home, kind="stable")
+        ids, slots, rank = ids[order], slots[order], np.arange(len(ids))
+        cells = np.maximum.accumulate(home[order] - rank) + rank if len(ids) else rank
+        inside = cells < capacity
+        self._keys[cells[inside]], self._slots[cells[inside]] = ids[inside], slots[inside]
+        self._place(ids[~inside], slots[~inside])
 
     def _place(self, ids: np.ndarray, slots: np.ndarray) -> None:
         """Write each (id, slot) into the first cell of its probe chain that is not in use."""
@@ -140,13 +152,14 @@ class RowIndex:
             chosen = window[np.arange(len(todo)), open_.argmax(axis=1)]
             # several ids may want the same open cell this round: the first of each takes it
             cells, first = np.unique(chosen[has], return_index=True)
-            won = todo[has][first]
+            at = np.flatnonzero(has)[first]  # where the winners are in todo
+            won = todo[at]
             self._gone -= int((self._slots[cells] == _GONE).sum())  # a tombstone reused
             self._keys[cells], self._slots[cells] = ids[won], slots[won]
             # the rest go on from the cell they wanted (now in use) or, with none open, past the window
             pos[todo] = np.where(has, chosen, (pos[todo] + width) % len(self._keys))
             left = np.ones(len(todo), bool)
-            left[np.searchsorted(todo, won)] = False
+            left[at] = False
             todo = todo[left]
             width = _WINDOW
 
