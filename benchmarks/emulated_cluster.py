@@ -252,18 +252,17 @@ def _ctr(args) -> None:
                        "--worker-resources", json.dumps({"clienthost": 0.01}), "--embedding-dim", str(dim),
                        "--batch-size", str(batch), "--json"]
                 summary = json.loads(c.in_client(cmd, capture=True).splitlines()[-1])
-                runs.append({"dim": dim, "batch": batch, "shards": s, "round": round_, **{k: summary[k] for k in (
-                    "samples_per_s", "wall_s", "test_auc", "test_logloss")}})
-                print(f"dim {dim}, batch {batch}, {s} shards, round {round_ + 1}: {summary['samples_per_s']:,.0f} examples/s, "
-                      f"AUC {summary['test_auc']:.4f}", flush=True)
+                measured = {k: summary[k] for k in ("samples_per_s", "wall_s", "test_auc", "test_logloss")}
+                runs.append({"dim": dim, "batch": batch, "shards": s, "round": round_, **measured})
+                print(f"dim {dim}, batch {batch}, {s} shards, round {round_ + 1}: "
+                      f"{summary['samples_per_s']:,.0f} examples/s, AUC {summary['test_auc']:.4f}", flush=True)
     write_rows(args.out, "cluster_ctr_runs", runs)
     rows = ctr_rows(runs)
     write_rows(args.out, "cluster_ctr", rows)
     print_table(rows, ["dim", "batch", "shards", "examples_s", "min_examples_s", "max_examples_s", "vs_1_shard",
                        "test_auc"])
     targets = [{"target": f"CTR training (dim {r['dim']}, batch {r['batch']}), {r['shards']} shards vs 1 >= 3x",
-                "value": r["vs_1_shard"],
-                "ok": r["vs_1_shard"] >= 3} for r in rows if r["shards"] == max(shards) > 1]
+                "value": r["vs_1_shard"], "ok": r["vs_1_shard"] >= 3} for r in rows if r["shards"] == max(shards) > 1]
     write_rows(args.out, "cluster_ctr_targets", targets)
     print_table(targets, ["target", "value", "ok"])
 
