@@ -75,3 +75,12 @@ def test_bad_num_shards_or_block_bytes_rejected(bad):
         HashPartitioner(bad)
     with pytest.raises(ValueError, match="block_bytes"):
         HashPartitioner(2, block_bytes=bad)
+
+
+@pytest.mark.parametrize("resources", [{"CPU": 1}, {"ps": 0}, {"ps": "1"}, {"ps": float("nan")}, ["ps"], {"": 1}])
+def test_launch_refuses_bad_shard_resources_before_ray_starts(monkeypatch, resources):
+    import shardps
+
+    monkeypatch.setattr("shardps.store.cluster.start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    with pytest.raises(ValueError, match="`shard_resources`"):
+        shardps.launch(1, shard_resources=resources)

@@ -13,7 +13,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shardps.store import checkpoint, snapshot
 from shardps.store.optim import SGD, optimizer_config, optimizer_from_config
-from shardps.store.placement import DEFAULT_BLOCK_BYTES, HashPartitioner, Layout
+from shardps.store.placement import DEFAULT_BLOCK_BYTES, HashPartitioner, Layout, check_resources
 from shardps.store.router import Router
 from shardps.store.shard.actor import ParameterShard
 from shardps.store.shard.recovery import replication_restarts
@@ -161,6 +161,7 @@ def launch(num_shards: int = 1, *, optimizer=None, address: str | None = None,
     max_restarts = replication_restarts(replicas, max_restarts)
     optimizer = SGD(lr=0.01) if optimizer is None else optimizer
     optimizer_config(optimizer)  # raises ValueError naming the argument for anything but SGD ... FTRL
+    check_resources("shard_resources", shard_resources)
     shares_ray = _use_ray(address, num_cpus)
     group, shards, copies = None, [], []
 

@@ -16,9 +16,13 @@ makes packing one slice per key and shard.
 What hashing trades away: key order and locality (neighbouring names land on
 unrelated shards) and exact balance for small tensors. What it buys: a
 placement that needs no coordination and stays balanced as keys are added.
+
+Where the shard actors themselves go is Ray's choice, steered by the custom
+resources each asks for (:func:`check_resources`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -215,6 +219,21 @@ class Layout:
 
 
 # ---- table rows: placed by a hash of their id ---------------------------------
+def check_resources(name: str, value) -> None:
+    """Raise ``ValueError`` naming argument ``name`` unless ``value`` is None or Ray custom resources: a dict
+    of resource names to positive amounts, e.g. ``{"ps": 0.01}`` (CPU and GPU are shardps's to set)."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v) and v > 0 for k, v in value.items()):
+        raise ValueError(f"Argument `{name}` must map Ray resource names to positive numbers, "
+                         f"e.g. {{\"ps\": 0.01}}. Received: {value!r:.80}")
+    if {"CPU", "GPU"} & set(value):
+        raise ValueError(f"Argument `{name}` names Ray's custom resources; CPU and GPU are not among them. "
+                         f"Received: {value!r:.80}")
+
+
 def shard_of_ids(ids: np.ndarray, name: str, num_shards: int) -> np.ndarray:
     """The shard of each id of table ``name``: ``mix64(id ^ salt) % num_shards`` (int64 array)."""
     return (mix64(as_ids(ids).view(np.uint64) ^ name_salt(name)) % np.uint64(num_shards)).astype(np.int64)

@@ -11,7 +11,7 @@ from shardps.training.data import CLICK_DATASETS, DATASETS, FILE_DATASETS
 from shardps.training.models import MODELS, load_function
 from shardps.store.shard.recovery import replication_restarts
 from shardps.store.optim import OPTIMIZERS, optimizer_config
-from shardps.store.placement import DEFAULT_BLOCK_BYTES
+from shardps.store.placement import DEFAULT_BLOCK_BYTES, check_resources
 from shardps.store.tables import MAX_MIN_COUNT
 
 MODES = ("sync", "async", "ssp")
@@ -103,7 +103,7 @@ class TrainConfig:
         if self.num_cpus is not None:
             _positive_int("num_cpus", self.num_cpus)
         for name in ("shard_resources", "worker_resources"):
-            _resources(name, getattr(self, name))
+            check_resources(name, getattr(self, name))
         for name in ("checkpoint_dir", "logdir"):
             path = getattr(self, name)
             if path is not None and os.path.exists(path) and not os.path.isdir(path):
@@ -200,20 +200,6 @@ def prepare_folders(config: TrainConfig) -> None:
 def _choice(name, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"Argument `{name}` must be one of {allowed}. Received: {value!r}")
-
-
-def _resources(name, value) -> None:
-    """None, or Ray custom resources: names to positive amounts (CPUs are shardps's to set)."""
-    if value is None:
-        return
-    if not isinstance(value, dict) or not all(
-            isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v) and v > 0 for k, v in value.items()):
-        raise ValueError(f"Argument `{name}` must map Ray resource names to positive numbers, "
-                         f"e.g. {{\"ps\": 0.01}}. Received: {value!r:.80}")
-    if {"CPU", "GPU"} & set(value):
-        raise ValueError(f"Argument `{name}` names Ray's custom resources; CPU and GPU are not among them. "
-                         f"Received: {value!r:.80}")
 
 
 def _positive_int(name, value) -> None:
