@@ -124,3 +124,40 @@ def test_async_evaluates_the_last_step_once_with_its_losses(monkeypatch):
         (step, list(losses), evaluate_now)), config, 3, None)
     assert [c for c in calls if c[2]] == [(3, [0.5, 0.4], True)]
     assert all(step < 3 for step, _, due in calls if not due)
+
+
+def test_async_prefetch_reads_every_batch_once_and_trains_on_them_in_order():
+    """A worker reading ahead (prefetch: batch i + 2's rows asked for with push i) keeps what it read for the
+    step that trains on it: each mini-batch is read once, and step i trains on batch i."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from shardps.training.worker import Worker
+
+    reads, trained = [], []
+
+    class CountingBatches:
+        def batch(self, k):
+            reads.append(k)
+            return np.full(2, k), np.zeros(2)
+
+    class Model:
+        names = []
+
+        def rows_needed(self, x):
+            return {"t": x}
+
+        def compute_gradients(self, x, y, weights, needed):
+            trained.append(int(x[0]))
+            return {}, {}, {}
+
+    handle = SimpleNamespace(wait=lambda: {})
+    worker = Worker.__new__(Worker)  # without __init__: no TensorFlow model
+    worker.index, worker._kept, worker._steps, worker._phase_s = 0, {}, 0, Counter()
+    worker._batches, worker._model = CountingBatches(), Model()
+    worker._router = SimpleNamespace(pull=lambda *a, **k: handle, push=lambda *a, **k: handle,
+                                     push_pull=lambda *a, **k: handle)
+    clock = SimpleNamespace(tick=SimpleNamespace(remote=lambda *a: None))
+    assert worker.run(0, 6, clock, bounded=False, prefetch=True) == 6
+    assert trained == list(range(6))
+    assert sorted(reads) == list(range(6))

@@ -80,13 +80,15 @@ class Worker:
         return (logs, *outputs)
 
     def _batch(self, k: int, keep: bool = False) -> tuple:
-        """Mini-batch ``k``; ``keep``: also kept for the step that trains on it (read once, not twice,
-        when a step plans the pull of a later one)."""
+        """Mini-batch ``k``; ``keep``: read ahead, kept for the step that trains on it (read once, not twice,
+        when a step plans the pull of a later one). Reading ``k`` to train on drops batches kept for earlier
+        steps (read for a step that failed and is being redone)."""
         batch = self._kept.pop(k, None) or self._batches.batch(k)
-        for stale in [j for j in self._kept if j < k]:  # read for a step that failed and is being redone
-            del self._kept[stale]
         if keep:
             self._kept[k] = batch
+        else:
+            for stale in [j for j in self._kept if j < k]:
+                del self._kept[stale]
         return batch
 
     def _pull(self, x) -> "Pull":
