@@ -132,8 +132,11 @@ def row_grads(layout: Layout, rows: Mapping[str, Any] | None) -> dict[str, tuple
     return out
 
 
-def by_shard(name: str, ids: np.ndarray, num_shards: int) -> dict[int, np.ndarray]:
-    """Shard -> boolean mask of ``ids`` (of table ``name``) placed there; only shards holding some."""
+def by_shard(name: str, ids: np.ndarray, num_shards: int) -> dict[int, np.ndarray | slice]:
+    """Shard -> boolean mask of ``ids`` (of table ``name``) placed there; only shards holding some.
+    One shard holds every id: its "mask" is ``slice(None)`` (selects views, hashes nothing)."""
+    if num_shards == 1:
+        return {0: slice(None)} if len(ids) else {}
     owner = shard_of_ids(ids, name, num_shards)
     return {s: owner == s for s in np.flatnonzero(np.bincount(owner, minlength=num_shards)).tolist()}
 

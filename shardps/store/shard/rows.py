@@ -165,13 +165,15 @@ class EmbeddingTable:
     def apply(self, ids: np.ndarray, grads: np.ndarray) -> None:
         """Apply what :meth:`checked` returned (unique ids, finite grads of the right shape)."""
         slots = self._index.lookup(ids)
-        admitted = (slots >= 0) | self._admit(ids[slots < 0], slots)
-        ids, grads, slots = ids[admitted], grads[admitted], slots[admitted]
         new = slots < 0
-        if new.any():
+        if new.any():  # (the filters below copy only when they drop something)
+            admitted = ~new | self._admit(ids[new], slots)
+            if not admitted.all():
+                ids, grads, slots, new = ids[admitted], grads[admitted], slots[admitted], new[admitted]
             slots[new] = self._create(ids[new], keep=slots[~new])
             kept = slots >= 0  # rows the eviction bound had no room for are dropped
-            ids, grads, slots = ids[kept], grads[kept], slots[kept]
+            if not kept.all():
+                ids, grads, slots = ids[kept], grads[kept], slots[kept]
         params = np.take(self._params, slots, axis=0)
         state = {name: np.take(buf, slots, axis=0) for name, buf in self._state.items()}
         self.optimizer.apply(params, grads, state, self._steps[slots][:, None])
