@@ -118,6 +118,36 @@ def test_sync_step_with_tables_equals_the_same_steps_in_one_process(ray_session,
     assert not np.allclose(seen["emb"], Uniform(-0.05, 0.05).rows(probe, 4, name="emb", seed=5))  # rows moved
 
 
+@pytest.mark.slow  # TensorFlow
+def test_traced_steps_of_any_batch_and_row_count_give_the_eager_gradients_from_one_trace(small_ctr):
+    """A worker's step runs traced, on the function traced for its first batch (a retrace per batch size or
+    row count would cost 50-100 ms a step); oracle: the first step of a fresh replica, which runs eagerly."""
+    from shardps.training.feed import as_columns
+    from shardps.training.models import model_function
+    from shardps.training.replica import Replica
+
+    small_ctr(num_train=300, num_test=100, vocab=50)
+    config = TrainConfig(model="widedeep", embedding_dim=4, seed=3)
+    data = load("ctr", seed=config.seed)
+    build = model_function(config, data.input_shape, 2)
+    x_all, rng = as_columns(data.x_train), np.random.default_rng(0)
+    traced = Replica(build, seed=config.seed)
+    for start, size in ((0, 32), (0, 32), (32, 48), (80, 17), (100, 1)):
+        x, y = {k: v[start:start + size] for k, v in x_all.items()}, data.y_train[start:start + size]
+        weights, ids = traced.zero_rows(x)
+        weights.update({name: rng.normal(size=rows.shape).astype(np.float32) for name, rows in weights.items()
+                        if name in ids})
+        dense, rows, logs = traced.compute_gradients(x, y, weights, ids)
+        want_dense, want_rows, want_logs = Replica(build, seed=config.seed).compute_gradients(x, y, weights, ids)
+        for key in want_dense:
+            np.testing.assert_allclose(dense[key], want_dense[key], rtol=1e-5, atol=1e-7, err_msg=key)
+        for name, (want_ids, want) in want_rows.items():
+            np.testing.assert_array_equal(rows[name][0], want_ids)
+            np.testing.assert_allclose(rows[name][1], want, rtol=1e-5, atol=1e-7, err_msg=name)
+        assert logs["loss"] == pytest.approx(want_logs["loss"], rel=1e-5)
+    assert traced._grad_fn.experimental_get_tracing_count() == 1
+
+
 @pytest.mark.parametrize("mode", ["sync", "async", "ssp"])
 def test_each_mode_learns_close_to_the_teacher(ray_session, small_ctr, mode):
     small_ctr(num_train=200_000, num_test=10_000)

@@ -197,7 +197,7 @@ class Replica:
         its traces: 0.2-0.4 ms a step). Arguments TensorFlow has no spec for (strings as numpy objects) go
         through the ``tf.function``."""
         leaves = tf.nest.flatten((inputs, y, values or ()))
-        key = (values is None, tuple((leaf.dtype, np.ndim(leaf)) for leaf in leaves))
+        key = (values is None, tuple((getattr(leaf, "dtype", type(leaf)), np.ndim(leaf)) for leaf in leaves))
         step = self._traced.get(key)
         if step is None:
             try:
