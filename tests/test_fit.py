@@ -144,9 +144,13 @@ def test_a_user_model_with_custom_loss_and_two_metrics_learns_in_each_mode(ray_s
                           optimizer=shardps.Adam(0.01))
     h = history.history
     assert set(h) == {"loss", "auc", "acc", "val_loss", "val_auc", "val_acc"}
-    assert len(h["val_auc"]) >= 2 and all(len(v) == len(h["val_auc"]) for v in h.values())
+    # sync evaluates every epoch; async and ssp when the driver's poll sees an epoch end, so a run that fast
+    # may evaluate the end only (an earlier evaluation, not being a barrier, can see later weights)
+    assert len(h["val_auc"]) >= (3 if mode == "sync" else 1) and all(len(v) == len(h["val_auc"]) for v in h.values())
     assert h["val_auc"][-1] > 0.75, h  # the labels are a function of a's first id and num: learnable
-    assert h["val_loss"][-1] < h["val_loss"][0], h
+    m = y_val.mean()  # the best constant prediction's weighted logloss (positives count twice): no learning
+    constant = -(2 * m * np.log(2 * m / (1 + m)) + (1 - m) * np.log(1 - 2 * m / (1 + m)))
+    assert h["val_loss"][-1] < 0.8 * constant, (h, constant)
 
 
 def test_a_ray_dataset_gives_what_the_same_arrays_give(ray_session, tmp_path):
