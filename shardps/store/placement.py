@@ -218,7 +218,6 @@ class Layout:
         ]
 
 
-# ---- table rows: placed by a hash of their id ---------------------------------
 def check_resources(name: str, value) -> None:
     """Raise ``ValueError`` naming argument ``name`` unless ``value`` is None or Ray custom resources: a dict
     of resource names to positive amounts, e.g. ``{"ps": 0.01}`` (CPU and GPU are shardps's to set)."""
@@ -234,6 +233,7 @@ def check_resources(name: str, value) -> None:
                          f"Received: {value!r:.80}")
 
 
+# ---- table rows: placed by a hash of their id ---------------------------------
 def shard_of_ids(ids: np.ndarray, name: str, num_shards: int) -> np.ndarray:
     """The shard of each id of table ``name``: ``mix64(id ^ salt) % num_shards`` (int64 array)."""
     return (mix64(as_ids(ids).view(np.uint64) ^ name_salt(name)) % np.uint64(num_shards)).astype(np.int64)
