@@ -132,13 +132,21 @@ def row_grads(layout: Layout, rows: Mapping[str, Any] | None) -> dict[str, tuple
     return out
 
 
-def by_shard(name: str, ids: np.ndarray, num_shards: int) -> dict[int, np.ndarray | slice]:
-    """Shard -> boolean mask of ``ids`` (of table ``name``) placed there; only shards holding some.
-    One shard holds every id: its "mask" is ``slice(None)`` (selects views, hashes nothing)."""
+def by_shard(name: str, ids: np.ndarray, num_shards: int) -> tuple[np.ndarray | None, dict[int, slice]]:
+    """``(order, parts)``: ``ids[order][parts[s]]`` are the ``ids`` (of table ``name``) placed on shard ``s``,
+    in their given order, for the shards holding some. One shard holds every id: ``order`` is None (the ids
+    as they are) and nothing is hashed.
+
+    One stable sort by shard (radix, on one byte) and one gather, not a boolean mask and a gather per shard:
+    routing a batch-2048 step's ids over 2 shards took 0.81 ms that way, against 0.30 ms for one shard.
+    """
     if num_shards == 1:
-        return {0: slice(None)} if len(ids) else {}
+        return None, ({0: slice(0, len(ids))} if len(ids) else {})
     owner = shard_of_ids(ids, name, num_shards)
-    return {s: owner == s for s in np.flatnonzero(np.bincount(owner, minlength=num_shards)).tolist()}
+    order = np.argsort(owner.astype(np.uint8) if num_shards <= 256 else owner, kind="stable")
+    ends = np.cumsum(np.bincount(owner, minlength=num_shards)).tolist()
+    starts = [0, *ends[:-1]]
+    return order, {s: slice(a, b) for s, (a, b) in enumerate(zip(starts, ends)) if b > a}
 
 
 def pack_push(layout: Layout, flats: Mapping[str, np.ndarray],
@@ -152,8 +160,11 @@ def pack_push(layout: Layout, flats: Mapping[str, np.ndarray],
             parts[seg.shard][spec.dtype.str].append((seg.index, flat[seg.start:seg.stop]))
     row_parts: list[dict] = [{} for _ in range(layout.num_shards)]
     for name, (unique, summed) in rows.items():
-        for s, mask in by_shard(name, unique, layout.num_shards).items():
-            row_parts[s][name] = (to_wire(unique[mask]), to_wire(summed[mask]))
+        order, placed = by_shard(name, unique, layout.num_shards)
+        if order is not None:
+            unique, summed = unique[order], np.take(summed, order, axis=0)
+        for s, part in placed.items():
+            row_parts[s][name] = (to_wire(unique[part]), to_wire(summed[part]))
     messages: list[tuple | None] = []
     for shard, groups in enumerate(parts):
         dense = {}
@@ -193,6 +204,13 @@ def message_bytes(message: tuple | None) -> int:
     return total
 
 
+def _inverse(order: np.ndarray) -> np.ndarray:
+    """The inverse permutation of ``order``: ``_inverse(order)[order[i]] == i``."""
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return inverse
+
+
 def _unique(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(ids, return_inverse=True)``, without sorting ids already strictly ascending (a trainer's)."""
     if len(ids) < 2 or (ids[1:] > ids[:-1]).all():
@@ -229,14 +247,17 @@ def plan_pull(layout: Layout, keys: Iterable[str] | str | None, rows: Mapping[st
             everything = len(segs) == len(layout.shard_segments[shard][dt])
             request[dt] = None if everything else to_wire(np.array([seg.index for seg in segs], np.int64))
         dense.append(request)
-    tables = {}  # name -> (spec, unique ids, inverse, {shard: mask})
+    tables = {}  # name -> (spec, unique ids, where each asked id's row is in the answers, {shard: its part})
     row_requests: list[dict] = [{} for _ in range(layout.num_shards)]
     for name, ids in (rows or {}).items():
         spec = layout.table_spec(name)
-        unique, inverse = _unique(as_ids(ids))
-        tables[name] = (spec, unique, inverse, by_shard(name, unique, layout.num_shards))
-        for s, mask in tables[name][3].items():
-            row_requests[s][name] = to_wire(unique[mask])
+        unique, where = _unique(as_ids(ids))
+        order, parts = by_shard(name, unique, layout.num_shards)
+        if order is not None:  # the answers come grouped by shard: the row of unique[order[i]] is the i-th
+            unique, where = unique[order], _inverse(order)[where]
+        tables[name] = (spec, unique, where, parts)
+        for s, part in parts.items():
+            row_requests[s][name] = to_wire(unique[part])
     requests = [(d, r) if d or r else None for d, r in zip(dense, row_requests)]
 
     def unpack(shards: list[int], replies: list) -> dict[str, np.ndarray]:
@@ -251,11 +272,11 @@ def plan_pull(layout: Layout, keys: Iterable[str] | str | None, rows: Mapping[st
                     else:
                         out[seg.key] = part.reshape(layout.keys[seg.key].shape)
         result = {name: out[name] for name in names}
-        for name, (spec, unique, inverse, masks) in tables.items():
+        for name, (spec, unique, where, parts) in tables.items():
             got = np.empty((len(unique), spec.dim), spec.dtype)
-            for s, mask in masks.items():
-                got[mask] = rows_from_wire(answers[s][1][name], spec.dtype, spec.dim)
-            result[name] = np.take(got, inverse.reshape(-1), axis=0)
+            for s, part in parts.items():
+                got[part] = rows_from_wire(answers[s][1][name], spec.dtype, spec.dim)
+            result[name] = np.take(got, where.reshape(-1), axis=0)
         return result
 
     return PullPlan(requests, unpack)

@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 class EvalPoint:
     """One evaluation: ``step`` is steps per worker (the mean over workers in async modes).
 
+    In async modes the workers train on while an evaluation reads the
+    weights (chunk by chunk), so it sees those of step ``step`` or later: in a
+    run shorter than one evaluation, a point before the last can already show
+    the final weights.
+
     ``train``: the loss and each compiled metric, means of the per-batch
     values since the previous evaluation; ``metrics``: the loss and metrics
     on the validation data (empty without validation data).
