@@ -5,6 +5,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardps.store.placement import HashPartitioner, Layout
 from tests.conftest import MNIST_CNN_SHAPES
@@ -84,3 +86,37 @@ def test_launch_refuses_bad_shard_resources_before_ray_starts(monkeypatch, resou
     monkeypatch.setattr("shardps.store.cluster.start_ray", lambda *a, **k: pytest.fail("Ray started"))
     with pytest.raises(ValueError, match="`shard_resources`"):
         shardps.launch(1, shard_resources=resources)
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_shards=st.integers(1, 5), ids=st.lists(st.integers(0, 2**63 - 1) | st.integers(0, 40), max_size=60))
+def test_rows_are_routed_to_the_shard_of_their_id_and_answers_come_back_in_the_asked_order(num_shards, ids):
+    """Oracle: ``shard_of_ids`` for each id on its own. Each shard is sent exactly its ids, ascending, with
+    their summed gradients; each asked id (repeats, any order) gets the row its shard answered for it."""
+    from shardps.store import messages
+    from shardps.store.placement import shard_of_ids
+    from shardps.store.tables import TableSpec
+
+    layout = Layout(HashPartitioner(num_shards))
+    layout.tables["t"] = TableSpec("t", 2)
+    ids = np.array(ids, np.int64)
+    grads = np.stack([ids % 7, np.ones(len(ids))], axis=1).astype(np.float32)
+    sent = messages.pack_push(layout, {}, messages.row_grads(layout, {"t": (ids, grads)}))
+    for shard, message in enumerate(sent):
+        mine = np.unique(ids[shard_of_ids(ids, "t", num_shards) == shard])
+        if not len(mine):
+            assert message is None
+            continue
+        got_ids, got_grads = (np.frombuffer(data, dtype) for data, dtype in zip(message[1]["t"], (np.int64, np.float32)))
+        np.testing.assert_array_equal(got_ids, mine)
+        np.testing.assert_array_equal(got_grads.reshape(-1, 2)[:, 1], [np.sum(ids == i) for i in mine])
+    plan = messages.plan_pull(layout, [], {"t": ids})
+    asked = [s for s, request in enumerate(plan.requests) if request is not None]
+    answers = []
+    for s in asked:  # a shard answers each id it was asked for with the row (id mod a prime, shard): exact in float32
+        asked_ids = np.frombuffer(plan.requests[s][1]["t"], np.int64)
+        assert (shard_of_ids(asked_ids, "t", num_shards) == s).all()
+        answers.append((0, ({}, {"t": np.stack([asked_ids % 1_000_003, np.full(len(asked_ids), s)], 1).astype(np.float32)})))
+    rows = plan.unpack(asked, answers)["t"]
+    np.testing.assert_array_equal(rows[:, 0], ids % 1_000_003)
+    np.testing.assert_array_equal(rows[:, 1], shard_of_ids(ids, "t", num_shards))
