@@ -138,7 +138,8 @@ def by_shard(name: str, ids: np.ndarray, num_shards: int) -> tuple[np.ndarray | 
     as they are) and nothing is hashed.
 
     One stable sort by shard (radix, on one byte) and one gather, not a boolean mask and a gather per shard:
-    routing a batch-2048 step's ids over 2 shards took 0.81 ms that way, against 0.30 ms for one shard.
+    a worker's routing of a batch-2048 widedeep step over 2 shards (pack, plan, unpack) took 1.13 ms that
+    way and 0.82 ms this way (one shard: 0.53 ms).
     """
     if num_shards == 1:
         return None, ({0: slice(0, len(ids))} if len(ids) else {})
