@@ -116,6 +116,19 @@ def latest(path: str | os.PathLike) -> Path | None:
     return root / name
 
 
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of the latest checkpoint under ``path``, checked; reads no arrays. Raises as :func:`read`."""
+    return _read_manifest(_folder(path) / "manifest.json")
+
+
+def _folder(path: str | os.PathLike) -> Path:
+    """:func:`latest`, raising ``FileNotFoundError`` where there is none."""
+    folder = latest(path)
+    if folder is None:
+        raise FileNotFoundError(f"no checkpoint in {path} (no {_LATEST} or manifest.json)")
+    return folder
+
+
 def read(path: str | os.PathLike) -> "Checkpoint":
     """Load and check a checkpoint completely: a :class:`Checkpoint` ``(manifest, params, state, tables)``.
 
@@ -125,11 +138,9 @@ def read(path: str | os.PathLike) -> "Checkpoint":
     checkpoint) or ``ValueError`` naming the file (corrupt, truncated,
     inconsistent or not a regular file).
     """
-    folder = latest(path)
-    if folder is None:
-        raise FileNotFoundError(f"no checkpoint in {path} (no {_LATEST} or manifest.json)")
-    manifest_path, arrays_path = folder / "manifest.json", folder / "arrays.npz"
-    manifest = _read_manifest(manifest_path)
+    folder = _folder(path)
+    arrays_path = folder / "arrays.npz"
+    manifest = _read_manifest(folder / "manifest.json")
     slots = optimizer_from_config(manifest["optimizer"]).slots()
     wanted = {}  # member -> (key, shape, dtype)
     for i, key in enumerate(manifest["keys"]):
