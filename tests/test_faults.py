@@ -57,9 +57,15 @@ def _worker0(ps, workers):
 _DELAYS = {"sync": None, "async": [0.01, 0.01]}  # async: slow enough for the driver to see 40% before the end
 
 
+@pytest.fixture(scope="module")
+def calm_async(ray_session, tmp_path_factory):
+    """An undisturbed async run: what both async shard kills are compared with."""
+    return _train_and_kill(_config("async", tmp_path_factory.mktemp("calm"), "calm"), delays=_DELAYS["async"])
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_shard_killed_mid_training_recovers_from_checkpoint(ray_session, tmp_path, mode):
-    calm = _train_and_kill(_config(mode, tmp_path, "calm"), delays=_DELAYS[mode])
+def test_shard_killed_mid_training_recovers_from_checkpoint(ray_session, request, tmp_path, mode):
+    calm = request.getfixturevalue("calm_async") if mode == "async" else _train_and_kill(_config(mode, tmp_path, "calm"))
     hit = _train_and_kill(_config(mode, tmp_path, "hit"), _shard0, delays=_DELAYS[mode])
     assert [(r["shard"], r["from"]) for r in hit.recoveries] == [(0, "checkpoint")]
     assert 0 <= hit.recoveries[0]["step"] <= hit.steps  # what was lost: the pushes after this checkpoint
@@ -67,12 +73,11 @@ def test_shard_killed_mid_training_recovers_from_checkpoint(ray_session, tmp_pat
     assert abs(hit.final_accuracy - calm.final_accuracy) <= 0.02, (hit.final_accuracy, calm.final_accuracy)
 
 
-def test_shard_killed_mid_async_training_with_replicas_loses_nothing(ray_session, tmp_path):
-    calm = _train_and_kill(_config("async", tmp_path, "calm"), delays=_DELAYS["async"])
+def test_shard_killed_mid_async_training_with_replicas_loses_nothing(calm_async, tmp_path):
     hit = _train_and_kill(_config("async", tmp_path, "hit", replicas=2), _shard0, delays=_DELAYS["async"])
     assert hit.recoveries == [{"shard": 0, "from": "replica", "step": None}]
-    assert hit.steps == calm.steps == 200
-    assert abs(hit.final_accuracy - calm.final_accuracy) <= 0.02, (hit.final_accuracy, calm.final_accuracy)
+    assert hit.steps == calm_async.steps == 200
+    assert abs(hit.final_accuracy - calm_async.final_accuracy) <= 0.02, (hit.final_accuracy, calm_async.final_accuracy)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
