@@ -65,7 +65,10 @@ def calm_async(ray_session, tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_shard_killed_mid_training_recovers_from_checkpoint(ray_session, request, tmp_path, mode):
-    calm = request.getfixturevalue("calm_async") if mode == "async" else _train_and_kill(_config(mode, tmp_path, "calm"))
+    if mode == "async":
+        calm = request.getfixturevalue("calm_async")
+    else:
+        calm = _train_and_kill(_config(mode, tmp_path, "calm"))
     hit = _train_and_kill(_config(mode, tmp_path, "hit"), _shard0, delays=_DELAYS[mode])
     assert [(r["shard"], r["from"]) for r in hit.recoveries] == [(0, "checkpoint")]
     assert 0 <= hit.recoveries[0]["step"] <= hit.steps  # what was lost: the pushes after this checkpoint
