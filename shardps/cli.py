@@ -200,11 +200,11 @@ def _run_export(args, parser) -> int:
                      f"Received: {args.model!r}")
     if checkpoint.latest(args.checkpoint_dir) is None:
         parser.error(f"no checkpoint in {args.checkpoint_dir!r} (no LATEST file or manifest.json there)")
-    if args.model is None and not checkpoint.read_manifest(args.checkpoint_dir).get("meta", {}).get("model"):
-        parser.error(f"the checkpoint in {args.checkpoint_dir!r} does not name its model function (the run's model "
-                     f"had no importable name): pass --model module:function")
+    from shardps.training.models import load_function, saved_description
+
+    if args.model is None:  # raises here, before TensorFlow loads, if the checkpoint names no model function
+        saved_description(checkpoint.read_manifest(args.checkpoint_dir), args.checkpoint_dir)
     from shardps.training.export import export  # imports TensorFlow: only after the flags are good
-    from shardps.training.models import load_function
 
     path = export(args.checkpoint_dir, args.out, None if args.model is None else load_function(args.model))
     print(f"wrote {path}: load it with keras.models.load_model (no shardps needed)")

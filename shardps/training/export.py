@@ -28,7 +28,7 @@ import numpy as np
 
 from shardps.keras import Embedding, keras
 from shardps.store import checkpoint
-from shardps.training.models import from_description
+from shardps.training.models import from_description, saved_description
 from shardps.training.replica import Replica
 
 
@@ -51,11 +51,7 @@ def export(checkpoint_dir: str | os.PathLike, path: str | os.PathLike, build: Ca
         raise ValueError(f"the exported model's file name must end in .keras (Keras's format). Received: {path}")
     saved = checkpoint.read(checkpoint_dir)
     if build is None:
-        described = saved.manifest.get("meta", {}).get("model")
-        if not described:
-            raise ValueError(f"the checkpoint in {checkpoint_dir} does not name its model function (the run's model "
-                             f"had no importable name): pass it (shardps export --model module:function)")
-        build = from_description(described)
+        build = from_description(saved_description(saved.manifest, checkpoint_dir))
     replica = Replica(build)
     replica.check_saved(saved, checkpoint_dir)
     replica.set_weights(saved.params)

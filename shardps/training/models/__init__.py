@@ -61,6 +61,16 @@ def description(config, input_shape: tuple | None = None, num_classes: int | Non
             **{arg: getattr(config, arg) for arg in BUILTIN_ARGS}}
 
 
+def saved_description(manifest: dict, where) -> dict:
+    """The model description in a checkpoint's ``manifest`` (read from ``where``). Raises ``ValueError`` when it
+    names none: the run's model function had no importable name."""
+    described = manifest.get("meta", {}).get("model")
+    if not described:
+        raise ValueError(f"the checkpoint in {where} does not name its model function (the run's model had no "
+                         f"importable name): pass it (shardps export --model module:function)")
+    return described
+
+
 def from_description(described: dict) -> Callable:
     """The model function :func:`description` described. Raises ``ValueError`` if it cannot be rebuilt."""
     if not isinstance(described, dict):
