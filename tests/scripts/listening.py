@@ -51,4 +51,5 @@ if __name__ == "__main__":
     with shardps.launch(1, num_cpus=1) as ps:
         ps.register({"w": np.zeros(3, np.float32)})
         addresses = listening(socket_inodes(descendants(os.getpid()) | {os.getpid()}))
-        print(json.dumps({"addresses": addresses, "loopback": [is_loopback(a) for a in addresses]}))
+    # printed after Ray is gone, so no log line it forwards can come after the result
+    print(json.dumps({"addresses": addresses, "loopback": [is_loopback(a) for a in addresses]}))

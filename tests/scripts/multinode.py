@@ -78,10 +78,10 @@ def main(scenario: str, checkpoint_dir: str, *args: str) -> None:
             result = store(cluster, servers, checkpoint_dir)
         else:
             result = train(cluster, servers, checkpoint_dir, args[0], int(args[1]))
-        print(json.dumps(result))
     finally:
         ray.shutdown()
         cluster.shutdown()
+    print(json.dumps(result))  # after Ray is gone: a log line it forwards late would otherwise come last
 
 
 if __name__ == "__main__":
